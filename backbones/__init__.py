@@ -1,0 +1,1 @@
+"""Backbones: specs (presets + user registry), native tokenizers, LLM loading."""

@@ -1,0 +1,81 @@
+"""Tokenizer kinds, keyed by exact name; each knows its file and how to load it natively (no remote code)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.errors import DuplicateNameError, TokenizerError, UnknownNameError
+from align.templates.text_tokenizer import TextTokenizer
+
+PadRule = str | int | None  # the pad token (string or id) to use when the tokenizer defines none
+
+
+@dataclass(frozen=True)
+class TokenizerKind:
+    """How one kind of tokenizer is found in a model directory and loaded."""
+
+    name: str
+    filename: str  # the file in a model directory that identifies this kind
+    load: Callable[[Path, PadRule], TextTokenizer]
+
+
+_KINDS: dict[str, TokenizerKind] = {}
+
+
+def register_tokenizer_kind(kind: TokenizerKind) -> TokenizerKind:
+    """Add a tokenizer kind; a duplicate name is an error."""
+    if kind.name in _KINDS:
+        raise DuplicateNameError(f"tokenizer kind '{kind.name}' is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def tokenizer_kind(name: str) -> TokenizerKind:
+    """The tokenizer kind registered under exactly `name`."""
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise UnknownNameError("tokenizer kind", name, _KINDS) from None
+
+
+def tokenizer_kind_names() -> list[str]:
+    """Every registered tokenizer kind, sorted."""
+    return sorted(_KINDS)
+
+
+def detect_tokenizer_kind(model_dir: Path) -> str:
+    """The kind whose file a model directory holds (the first found, in registration order)."""
+    for kind in _KINDS.values():
+        if (model_dir / kind.filename).is_file():
+            return kind.name
+    wanted = ", ".join(f"{k.filename} ({k.name})" for k in _KINDS.values())
+    raise TokenizerError(f"{model_dir} has no tokenizer file; expected one of: {wanted}")
+
+
+def load_tokenizer(kind: str, path: Path | str, pad: PadRule = None) -> TextTokenizer:
+    """Load a tokenizer of `kind` from a model directory or from the tokenizer file itself."""
+    spec = tokenizer_kind(kind)
+    path = Path(path)
+    file = path / spec.filename if path.is_dir() else path
+    if not file.is_file():
+        raise TokenizerError(f"no {spec.filename} in {path}: a '{kind}' tokenizer needs that file")
+    try:
+        return spec.load(file, pad)
+    except TokenizerError:
+        raise
+    except Exception as exc:  # a corrupt file: say which one, whatever the library raised
+        raise TokenizerError(f"cannot load the {kind} tokenizer {file}: {exc}") from exc
+
+
+def resolve_pad(tokenizer_pad: int | None, rule: PadRule, token_to_id: Callable[[str], int | None], where: str) -> int:
+    """The tokenizer's own pad id, else the family rule's (a token string or an id)."""
+    if tokenizer_pad is not None:
+        return tokenizer_pad
+    if isinstance(rule, int):
+        return rule
+    if isinstance(rule, str):
+        token_id = token_to_id(rule)
+        if token_id is not None:
+            return token_id
+        raise TokenizerError(f"{where} has no pad token and no {rule!r} token to pad with")
+    raise TokenizerError(f"{where} has no pad token; give the backbone a 'pad' rule (a token or an id)")

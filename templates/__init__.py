@@ -1,0 +1,25 @@
+"""Chat templates: conversation → input ids, labels and image slots (no torch here).
+
+Importing this package registers every template; `get_template(name)` looks one up by its exact name.
+"""
+
+from align.templates import baichuan, caption, chatml, llama2, vicuna  # noqa: F401  (fill the registry)
+from align.templates.conversation import Conversation, ImageItem, Message, conversation_from_record
+from align.templates.render import IGNORE_INDEX, Rendered, render, resolve_controls, stop_ids
+from align.templates.template import Template, detect_template, get_template, template_names
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Conversation",
+    "ImageItem",
+    "Message",
+    "Rendered",
+    "Template",
+    "conversation_from_record",
+    "detect_template",
+    "get_template",
+    "render",
+    "resolve_controls",
+    "stop_ids",
+    "template_names",
+]

@@ -1,0 +1,35 @@
+"""Stage-1 caption pretraining, as MiniGPT-4 stage 1: image slots, then the caption, no prompt."""
+
+from align.errors import TemplateError
+from align.templates.conversation import USER, Conversation, ImageItem
+from align.templates.segments import Control, Image, Segment
+from align.templates.template import Template, register_template
+
+
+class Caption(Template):
+    """`[bos] slots caption eos`: the caption and its eos are learnt; the user turn may hold only images."""
+
+    name = "caption"
+    description = "Stage-1 captions: [bos] image slots, caption, eos (no prompt)"
+    supports_system = False
+    image_open = image_close = ""
+
+    def sample_record(self) -> dict:
+        return {"image": "sample.jpg", "caption": "A cat sitting on a sofa."}
+
+    def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
+        if len(conversation.messages) > 2:
+            raise TemplateError("the caption template takes one image prompt and one caption")
+        out: list[Segment] = [Control("bos", optional=True)]
+        for i, message in enumerate(conversation.messages):
+            if message.role == USER:
+                if any(not isinstance(item, ImageItem) and item.strip() for item in message.content):
+                    raise TemplateError(f"message {i}: the caption template takes an image-only prompt, not text")
+                out += [Image(item.index, message=i) for item in message.content if isinstance(item, ImageItem)]
+            else:
+                out += self.content(message, i)
+                out.append(Control("eos", supervised=message.supervised, message=i))
+        return out
+
+
+register_template(Caption())

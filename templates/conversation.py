@@ -1,0 +1,148 @@
+"""The one conversation type that flows from data records to templates, and its validation."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from align.errors import ConversationError
+
+IMAGE_MARKER = "<image>"
+USER, ASSISTANT = "user", "assistant"
+Role = Literal["user", "assistant"]
+
+# Accepted spellings of each role: LLaVA's from/value and the OpenAI-style role/content.
+_ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": "system"}
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """Where one image goes in a message; `index` counts images in the conversation from 0."""
+
+    index: int
+
+
+ContentItem = Union[str, ImageItem]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn: its role, its content (text and images in order), and whether it is learnt from."""
+
+    role: Role
+    content: tuple[ContentItem, ...]
+    supervised: bool = False
+
+    @property
+    def text(self) -> str:
+        """The message's text with each image written as the `<image>` marker."""
+        return "".join(IMAGE_MARKER if isinstance(item, ImageItem) else item for item in self.content)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Optional system text plus alternating user/assistant turns, starting with the user."""
+
+    messages: tuple[Message, ...]
+    system: str | None = None
+    images: tuple[str, ...] = field(default=())
+
+    @property
+    def ends_with_user(self) -> bool:
+        """True when the next thing to render is the generation prompt."""
+        return bool(self.messages) and self.messages[-1].role == USER
+
+    def truncated(self, n_messages: int) -> "Conversation":
+        """The same conversation with only its first `n_messages` turns."""
+        return Conversation(self.messages[:n_messages], self.system, self.images)
+
+
+def split_markers(text: str, first_index: int) -> tuple[ContentItem, ...]:
+    """Split text at `<image>` markers into text and image items (empty text pieces dropped)."""
+    items: list[ContentItem] = []
+    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            items.append(ImageItem(first_index + i - 1))
+        if piece:
+            items.append(piece)
+    return tuple(items)
+
+
+def _images_of(record: Mapping) -> tuple[str, ...]:
+    image = record.get("image", record.get("images"))
+    if image is None:
+        return ()
+    if isinstance(image, str):
+        return (image,)
+    if isinstance(image, list) and all(isinstance(i, str) for i in image):
+        return tuple(image)
+    raise ConversationError("'image' must be a string or a list of strings")
+
+
+def _turns_of(record: Mapping) -> list[tuple[str, str]]:
+    if "caption" in record:
+        caption = record["caption"]
+        if not isinstance(caption, str):
+            raise ConversationError("'caption' must be a string")
+        return [(USER, IMAGE_MARKER), (ASSISTANT, caption)]
+    raw = record.get("conversations", record.get("messages"))
+    if not isinstance(raw, list):
+        raise ConversationError("record needs a 'conversations' list (or a 'caption' string)")
+    turns = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, Mapping):
+            raise ConversationError(f"message {i}: must be an object with from/value or role/content")
+        role = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if role not in _ROLE_ALIASES:
+            raise ConversationError(f"message {i}: unknown role {role!r} (use human/gpt or user/assistant)")
+        if not isinstance(value, str):
+            raise ConversationError(f"message {i}: its value/content must be a string")
+        turns.append((_ROLE_ALIASES[role], value))
+    return turns
+
+
+def conversation_from_record(record: Mapping) -> Conversation:
+    """Validate a conversation or caption record (DESIGN.md format) and turn it into a Conversation."""
+    if not isinstance(record, Mapping):
+        raise ConversationError("a record must be a JSON object")
+    images = _images_of(record)
+    turns = _turns_of(record)
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConversationError("'system' must be a string")
+    if turns and turns[0][0] == "system":
+        if system is not None:
+            raise ConversationError("message 0: a system message and a 'system' field; give only one")
+        system = turns.pop(0)[1]
+    validate_turns(turns)
+
+    markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    if images and markers == 0:
+        # A record with an image and no marker gets it at the start of the first user turn.
+        turns[0] = (USER, IMAGE_MARKER * len(images) + " " + turns[0][1])
+        markers = len(images)
+    if markers != len(images):
+        raise ConversationError(f"the record has {len(images)} image(s) but {markers} '{IMAGE_MARKER}' marker(s)")
+
+    messages, seen = [], 0
+    for role, text in turns:
+        content = split_markers(text, seen)
+        seen += text.count(IMAGE_MARKER)
+        messages.append(Message(role, content, supervised=role == ASSISTANT))
+    return Conversation(tuple(messages), system, images)
+
+
+def validate_turns(turns: list[tuple[str, str]]) -> None:
+    """Check role order and content of (role, text) turns; errors name the message index."""
+    if not turns:
+        raise ConversationError("the conversation has no messages")
+    for i, (role, text) in enumerate(turns):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise ConversationError(f"message {i}: expected a {expected} turn, got {role} (turns must alternate, user first)")
+        if role == ASSISTANT and IMAGE_MARKER in text:
+            raise ConversationError(f"message {i}: an assistant turn cannot contain '{IMAGE_MARKER}'")
+        if role == ASSISTANT and not text.strip():
+            raise ConversationError(f"message {i}: the assistant reply is empty (nothing to learn)")
+        if role == USER and not text.strip():
+            raise ConversationError(f"message {i}: the user turn is empty")
