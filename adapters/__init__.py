@@ -1,0 +1,1 @@
+"""Projector modules, the frozen-LLM + projector model, adapter save/load and checkpoint import."""

@@ -1,0 +1,87 @@
+"""What a local HF model directory tells about the LLM: sizes, dtype, chat template, remote code."""
+
+import json
+from pathlib import Path
+
+import transformers
+
+from align.errors import BackboneError
+
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Bytes of bf16 weights that leave room on a 24 GB GPU for activations of a frozen forward/backward pass.
+_BF16_BUDGET_BYTES = 18e9
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a one-line error naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BackboneError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"{path} is not a JSON object")
+    return data
+
+
+def check_model_dir(path: Path) -> Path:
+    """The directory itself, or an error that says what is wrong with it."""
+    if not path.exists():
+        raise BackboneError(f"model directory {path} does not exist; pass --model with a local model directory")
+    if not path.is_dir():
+        raise BackboneError(f"{path} is not a directory; pass --model with the model's directory")
+    return path
+
+
+def llm_config(path: Path) -> dict:
+    """The model's config.json, with the text config of a multimodal wrapper flattened in."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise BackboneError(f"{path} has no config.json; hidden and vocab sizes come from it")
+    config = read_json(file)
+    return {**config, **config.get("text_config", {})}
+
+
+def sizes(config: dict, where: Path) -> tuple[int, int]:
+    """(hidden size, vocab size) from a config.json."""
+    hidden = config.get("hidden_size", config.get("n_embd", config.get("d_model")))
+    vocab = config.get("vocab_size")
+    if not isinstance(hidden, int) or not isinstance(vocab, int):
+        raise BackboneError(f"{where}/config.json lacks an integer hidden_size or vocab_size")
+    return hidden, vocab
+
+
+def needs_remote_code(config: dict) -> bool:
+    """True when transformers has no class for the model's architecture (it ships its own code)."""
+    architectures = config.get("architectures") or []
+    if architectures:
+        return not all(hasattr(transformers, arch) for arch in architectures)
+    return "auto_map" in config
+
+
+def suggested_dtype(config: dict) -> str:
+    """The checkpoint's own dtype in align's spelling (bf16 when it says nothing)."""
+    return _DTYPES.get(str(config.get("torch_dtype", config.get("dtype", "bfloat16"))), "bf16")
+
+
+def suggested_quantization(config: dict, hidden: int, vocab: int) -> str:
+    """none, 8bit or 4bit: what lets the frozen LLM fit one 24 GB GPU, from a parameter estimate."""
+    layers = config.get("num_hidden_layers", config.get("n_layer", 32))
+    intermediate = config.get("intermediate_size", 4 * hidden)
+    params = layers * (4 * hidden * hidden + 3 * hidden * intermediate) + 2 * vocab * hidden
+    if 2 * params <= _BF16_BUDGET_BYTES:
+        return "none"
+    return "8bit" if params <= _BF16_BUDGET_BYTES else "4bit"
+
+
+def chat_template(path: Path) -> str | None:
+    """The HF chat template shipped with the tokenizer, if any."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = read_json(config).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None

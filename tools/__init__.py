@@ -1,0 +1,1 @@
+"""Pipelines behind the `align` command: render views, feature extraction, data, recipes, training, chat."""

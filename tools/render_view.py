@@ -1,0 +1,104 @@
+"""`align render`: show exactly what a backbone's LLM is trained on or asked, token by token."""
+
+import json
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.backbones.spec import BackboneSpec
+from align.errors import AlignError
+from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, get_template, render
+from align.templates.text_tokenizer import TextTokenizer
+
+SUPERVISED_STYLE, CONTROL_STYLE, IMAGE_STYLE = "bold green", "cyan", "magenta"
+
+
+def read_record(path: Path) -> dict:
+    """One conversation record from a JSON file (or the first line of a JSON Lines file)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AlignError(f"cannot read conversation file {path}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return json.loads(text.strip().splitlines()[0])
+        except (json.JSONDecodeError, IndexError) as exc:
+            raise AlignError(f"{path} is not a JSON conversation record: {exc}") from None
+
+
+def render_file(
+    name: str, conversation: Path, model: Path | None = None, max_length: int | None = None
+) -> tuple[BackboneSpec, TextTokenizer, Rendered]:
+    """Render the record in `conversation` for backbone `name`."""
+    spec = get_backbone(name)
+    tokenizer = backbone_tokenizer(spec, model)
+    record = conversation_from_record(read_record(conversation))
+    rendered = render(get_template(spec.template), record, tokenizer, system=spec.system, max_length=max_length)
+    return spec, tokenizer, rendered
+
+
+def _pieces(tokenizer: TextTokenizer, rendered: Rendered) -> list[tuple[str, str, int]]:
+    """(kind, surface text, position) for every token; text tokens show the exact characters they cover."""
+    kinds: dict[int, tuple[str, str]] = {}
+    for start, end, text in rendered.runs:
+        _, offsets = tokenizer.encode_with_offsets(text)
+        starts = [a for a, _ in offsets] + [len(text)]
+        starts[0] = 0
+        for k in range(end - start):
+            kinds[start + k] = ("text", text[starts[k]:starts[k + 1]])
+    for number, (start, length) in enumerate(rendered.images):
+        for k in range(length):
+            kinds[start + k] = ("image", f"image {rendered.image_indices[number]}")
+    return [
+        (*kinds.get(i, ("control", tokenizer.id_to_token(token_id))), i) for i, token_id in enumerate(rendered.input_ids)
+    ]
+
+
+def readable(spec: BackboneSpec, tokenizer: TextTokenizer, rendered: Rendered) -> Text:
+    """The rendered text with learnt tokens in ⟪ ⟫ (and green), controls in cyan, image slots collapsed."""
+    out = Text()
+    supervised_open = False
+    previous_image = None
+    for kind, surface, i in _pieces(tokenizer, rendered):
+        learnt = rendered.labels[i] != IGNORE_INDEX
+        if learnt != supervised_open:
+            out.append("⟪" if learnt else "⟫", style=SUPERVISED_STYLE)
+            supervised_open = learnt
+        if kind == "image":
+            if surface != previous_image:
+                length = next(n for s, n in rendered.images if s <= i < s + n)
+                out.append(f"[{surface}: {length} slots]", style=IMAGE_STYLE)
+            previous_image = surface
+            continue
+        previous_image = None
+        style = SUPERVISED_STYLE if learnt else (CONTROL_STYLE if kind == "control" else "")
+        out.append(surface, style=style)
+    if supervised_open:
+        out.append("⟫", style=SUPERVISED_STYLE)
+    learnt = sum(label != IGNORE_INDEX for label in rendered.labels)
+    out.append(
+        f"\n\n{spec.name} · template {spec.template} · {len(rendered.input_ids)} tokens · {learnt} learnt (⟪ ⟫) · "
+        f"{len(rendered.images)} image(s)",
+        style="dim",
+    )
+    return out
+
+
+def token_table(tokenizer: TextTokenizer, rendered: Rendered) -> Table:
+    """One row per token (image slots folded into one row per image): position, id, kind, text, label."""
+    table = Table("pos", "id", "kind", "text", "label")
+    for kind, surface, i in _pieces(tokenizer, rendered):
+        label = rendered.labels[i]
+        if kind == "image":
+            start, length = next((s, n) for s, n in rendered.images if s <= i < s + n)
+            if i == start:
+                table.add_row(f"{start}-{start + length - 1}", str(rendered.input_ids[i]), "image", surface, "-")
+            continue
+        shown = "-" if label == IGNORE_INDEX else str(label)
+        table.add_row(str(i), str(rendered.input_ids[i]), kind, escape(repr(surface)), shown)
+    return table
