@@ -13,7 +13,7 @@ class UnknownNameError(AlignError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
         known = sorted(known)
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name.lower(), known, n=1)
         suggestion = f" Did you mean '{close[0]}'?" if close else ""
         super().__init__(f"unknown {kind} '{name}'.{suggestion} Known: {', '.join(known)}.{hint}")
 

@@ -97,16 +97,17 @@ def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
     template = get_template(spec.template)
     results: list[Check] = [Check("tokenizer loads", True, f"{spec.tokenizer}, {tokenizer.vocab_size} ids")]
 
-    def run(name, fn, *args):
+    def run(name, fn, *args, describe=str):
         try:
-            detail = fn(*args)
+            value = fn(*args)
         except AlignError as exc:
             results.append(Check(name, False, str(exc)))
             return None
-        results.append(Check(name, True, detail if isinstance(detail, str) else "ok"))
-        return detail
+        results.append(Check(name, True, describe(value)))
+        return value
 
-    run("control tokens are single ids", check_controls, template, tokenizer)
+    if run("control tokens are single ids", check_controls, template, tokenizer) is None:
+        return results  # every later check writes those controls
     def render_sample(conversation):
         render(template, conversation.truncated(1), tokenizer, system=spec.system)  # the generation prompt too
         return render(template, conversation, tokenizer, system=spec.system)
@@ -115,7 +116,10 @@ def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
     for record in records:
         conversation = conversation_from_record(record)
         replies = [m.text for m in conversation.messages if m.role == "assistant"]
-        rendered = run("sample conversation renders", render_sample, conversation)
+        rendered = run(
+            "sample conversation renders", render_sample, conversation,
+            describe=lambda r: f"{len(r.input_ids)} tokens, {len(r.images)} image(s)",
+        )
         if rendered is None:
             continue
         run("labels cover exactly the replies and their end tokens", check_labels, template, tokenizer, rendered, replies)

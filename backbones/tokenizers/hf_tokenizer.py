@@ -18,7 +18,7 @@ class HFTokenizer:
         if self.tok.eos_token_id is None:
             raise TokenizerError(f"{path.parent} defines no eos_token in tokenizer_config.json")
         self.eos_id = self.tok.eos_token_id
-        self.pad_id = resolve_pad(self.tok.pad_token_id, pad, self.token_to_id, str(path.parent))
+        self.pad_id = resolve_pad(self.tok.pad_token_id, pad, self.token_to_id, self.eos_id, str(path.parent))
 
     @property
     def vocab_size(self) -> int:

@@ -29,7 +29,7 @@ class QwenTiktokenTokenizer:
             name=f"qwen:{path}", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.controls
         )
         self.eos_id = self.controls[ENDOFTEXT]
-        self.pad_id = resolve_pad(None, pad if pad is not None else ENDOFTEXT, self.token_to_id, str(path))
+        self.pad_id = resolve_pad(None, pad if pad is not None else ENDOFTEXT, self.token_to_id, self.eos_id, str(path))
         self._names = {i: token for token, i in self.controls.items()}
 
     @property

@@ -67,15 +67,20 @@ def load_tokenizer(kind: str, path: Path | str, pad: PadRule = None) -> TextToke
         raise TokenizerError(f"cannot load the {kind} tokenizer {file}: {exc}") from exc
 
 
-def resolve_pad(tokenizer_pad: int | None, rule: PadRule, token_to_id: Callable[[str], int | None], where: str) -> int:
-    """The tokenizer's own pad id, else the family rule's (a token string or an id)."""
+def resolve_pad(
+    tokenizer_pad: int | None, rule: PadRule, token_to_id: Callable[[str], int | None], eos_id: int, where: str
+) -> int:
+    """The tokenizer's own pad id, else the family rule's (a token string or an id), else eos.
+
+    Padding is never attended to nor learnt, so any id works; eos is the safe default for an LLM with no rule.
+    """
     if tokenizer_pad is not None:
         return tokenizer_pad
     if isinstance(rule, int):
         return rule
-    if isinstance(rule, str):
-        token_id = token_to_id(rule)
-        if token_id is not None:
-            return token_id
+    if rule is None:
+        return eos_id
+    token_id = token_to_id(rule)
+    if token_id is None:
         raise TokenizerError(f"{where} has no pad token and no {rule!r} token to pad with")
-    raise TokenizerError(f"{where} has no pad token; give the backbone a 'pad' rule (a token or an id)")
+    return token_id

@@ -18,7 +18,7 @@ class SentencePieceTokenizer:
             raise TokenizerError(f"{path} defines no eos piece")
         self.eos_id = self.sp.eos_id()
         own_pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
-        self.pad_id = resolve_pad(own_pad, pad, self.token_to_id, str(path))
+        self.pad_id = resolve_pad(own_pad, pad, self.token_to_id, self.eos_id, str(path))
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,158 @@
+"""The backbone registry: shipped presets, add-backbone with its self-check, and the user registry."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from align.backbones.registry import add_backbone, get_backbone, list_backbones, presets, user_registry_dir
+from align.backbones.self_check import check_labels
+from align.backbones.tokenizers import load_tokenizer, tokenizer_kind_names
+from align.errors import AlignError, BackboneError, UnknownNameError
+from align.templates import conversation_from_record, get_template, render, template_names
+from conftest import LLAMA_MODEL, QWEN_TIKTOKEN, write_config
+
+PRESETS = [
+    "vicuna-7b-v0", "vicuna-13b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat", "llama-2-13b-chat", "qwen-7b-chat",
+    "qwen-14b-chat", "qwen2.5-7b-instruct", "baichuan-13b-chat", "baichuan2-7b-chat", "baichuan2-13b-chat",
+]
+
+
+def test_every_preset_ships_and_names_real_parts():
+    assert sorted(presets()) == sorted(PRESETS)
+    for spec in presets().values():
+        assert spec.template in template_names() and spec.tokenizer in tokenizer_kind_names()
+        assert spec.hidden_size > 0 and spec.vocab_size > 0 and spec.languages
+        assert spec.model_path is None  # presets never point at a machine's files
+
+
+def test_lookup_is_exact(align_home):
+    assert get_backbone("qwen-7b-chat").template == "chatml"
+    with pytest.raises(UnknownNameError, match="Did you mean 'qwen-7b-chat'"):
+        get_backbone("Qwen-7B-Chat")
+
+
+def test_add_preset_with_local_model(align_home, qwen_model_dir):
+    result = add_backbone("qwen-7b-chat", qwen_model_dir)
+    assert result.ok, result.checks
+    assert result.path == user_registry_dir() / "qwen-7b-chat.yaml" and result.path.is_file()
+    spec = get_backbone("qwen-7b-chat")
+    assert spec.model_path == str(qwen_model_dir) and spec.preset == "qwen-7b-chat"
+    assert spec.vocab_size == 480  # the model's own config.json wins over the preset's figure
+    rows = {row.spec.name: row for row in list_backbones()}
+    assert rows["qwen-7b-chat"].is_added and rows["qwen-7b-chat"].is_preset
+    assert not rows["qwen-14b-chat"].is_added
+
+
+def test_add_new_llm_detects_template_and_sizes(align_home, hf_chatml_dir):
+    result = add_backbone("tiny-chatml", hf_chatml_dir)
+    assert result.ok, result.checks
+    spec = get_backbone("tiny-chatml")
+    assert (spec.template, spec.tokenizer, spec.hidden_size, spec.vocab_size) == ("chatml", "hf", 48, 512)
+    assert spec.remote_code is False and spec.dtype == "bf16" and spec.quantization == "none"
+    names = [check.name for check in result.checks]
+    assert names[:3] == ["tokenizer loads", "control tokens are single ids", "sample conversation renders"]
+    assert "labels cover exactly the replies and their end tokens" in names
+    assert "decoded text round-trips" in names and "embedding matrix covers every id" in names
+
+
+def test_failed_self_check_writes_nothing(align_home, hf_chatml_dir, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(hf_chatml_dir, small)
+    write_config(small, vocab_size=100, architectures=["Qwen2ForCausalLM"])
+    result = add_backbone("too-small", small)
+    assert not result.ok and result.path is None
+    failed = [check for check in result.checks if not check.ok]
+    assert [check.name for check in failed] == ["embedding matrix covers every id"]
+    assert "100 rows" in failed[0].detail
+    assert not (user_registry_dir() / "too-small.yaml").exists()
+
+
+def test_template_without_its_control_tokens_is_refused(align_home, sp_model_dir):
+    result = add_backbone("sp-chatml", sp_model_dir, template="chatml")
+    assert not result.ok and result.path is None
+    failed = {check.name: check.detail for check in result.checks if not check.ok}
+    assert "<|im_start|>" in failed["control tokens are single ids"]
+
+
+def test_baichuan2_preset_on_a_baichuan_vocabulary(align_home, sp_model_dir):
+    assert add_backbone("baichuan2-7b-chat", sp_model_dir).ok
+
+
+def test_adding_twice_needs_force(align_home, qwen_model_dir):
+    add_backbone("qwen-7b-chat", qwen_model_dir)
+    with pytest.raises(BackboneError, match="already added; pass --force"):
+        add_backbone("qwen-7b-chat", qwen_model_dir)
+    assert add_backbone("qwen-7b-chat", qwen_model_dir, force=True).ok
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"name": "new-llm"}, "unknown backbone 'new-llm'"),
+        ({"name": "qwen-14b-chat"}, "needs --model PATH .*never downloads"),
+        ({"name": "Bad Name", "model": "."}, "not a valid backbone name"),
+        ({"name": "x", "model": "/no/such/dir"}, "does not exist"),
+        ({"name": "x", "model": ".", "template": "chatmI"}, "unknown template"),
+        ({"name": "x", "model": ".", "tokenizer": "bpe"}, "unknown tokenizer kind"),
+    ],
+)
+def test_bad_requests_are_one_clear_error(align_home, arguments, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    if arguments.get("model"):
+        arguments["model"] = tmp_path / arguments["model"] if arguments["model"] == "." else arguments["model"]
+        from pathlib import Path
+
+        arguments["model"] = Path(arguments["model"])
+    with pytest.raises(AlignError, match=message):
+        add_backbone(**arguments)
+
+
+def test_directory_without_config_or_tokenizer(align_home, tmp_path):
+    with pytest.raises(BackboneError, match="no config.json"):
+        add_backbone("x", tmp_path)
+    write_config(tmp_path)
+    with pytest.raises(AlignError, match="no tokenizer file"):
+        add_backbone("x", tmp_path, template="chatml")
+
+
+def test_broken_user_entry_names_the_file(align_home):
+    user_registry_dir().mkdir(parents=True)
+    entry = user_registry_dir() / "mine.yaml"
+    entry.write_text(yaml.safe_dump({"name": "mine", "tokenizer": "hf", "template": "chatml", "hiden_size": 1}))
+    with pytest.raises(BackboneError, match="mine.yaml.*hiden_size"):
+        get_backbone("mine")
+
+
+def test_label_check_catches_wrong_supervision(qwen_model_dir):
+    tok = load_tokenizer("qwen-tiktoken", qwen_model_dir)
+    template = get_template("chatml")
+    conversation = conversation_from_record({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "cat"}]})
+    rendered = render(template, conversation, tok)
+    assert "1 repl" in check_labels(template, tok, rendered, ["cat"])
+    rendered.labels[1] = rendered.input_ids[1]  # learn the role name too
+    with pytest.raises(AlignError, match="supervised stretch"):
+        check_labels(template, tok, rendered, ["cat"])
+
+
+def _real_model_dir(tmp_path, tokenizer_file, name, vocab_size):
+    if not tokenizer_file.is_file():
+        pytest.skip(f"{tokenizer_file} not present")
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / tokenizer_file.name).symlink_to(tokenizer_file.resolve())
+    (directory / "config.json").write_text(json.dumps({"hidden_size": 64, "vocab_size": vocab_size}))
+    return directory
+
+
+@pytest.mark.parametrize("name", ["vicuna-7b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat"])
+def test_llama_presets_pass_self_check_on_the_real_vocabulary(align_home, tmp_path, name):
+    assert add_backbone(name, _real_model_dir(tmp_path, LLAMA_MODEL, name, 32000)).ok
+
+
+@pytest.mark.parametrize("name", ["qwen-7b-chat", "qwen-14b-chat"])
+def test_qwen_presets_pass_self_check_on_the_real_vocabulary(align_home, tmp_path, name):
+    result = add_backbone(name, _real_model_dir(tmp_path, QWEN_TIKTOKEN, name, 151936))
+    assert result.ok, [c for c in result.checks if not c.ok]

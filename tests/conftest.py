@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny tokenizers and model directories built in the test session; nothing is downloaded."""
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
+LLAMA_MODEL = SHARED_TOKENIZERS / "llama" / "tokenizer.model"
+QWEN_TIKTOKEN = SHARED_TOKENIZERS / "qwen" / "qwen.tiktoken"
+
+CORPUS = [
+    "A cat sitting on a sofa.",
+    "What is in this image? What color is the cat?",
+    "It is orange, with white paws.",
+    "USER: ASSISTANT: Human: Assistant: ### [INST] [/INST] <<SYS>> <</SYS>> <Img></Img>",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "You are a helpful assistant. Describe this image in detail.",
+    "这张图片里有什么？一只猫坐在沙发上。这只猫是什么颜色？橙色的。",
+    "The quick brown fox jumps over the lazy dog. A red square and a blue circle.",
+]
+# Baichuan's control ids: user 195, assistant 196 (bos 1, eos 2, unk/pad 0).
+BAICHUAN_RESERVED = [f"<reserved_{i}>" for i in range(3, 200)]
+
+
+def write_config(directory: Path, hidden_size: int = 64, vocab_size: int = 1000, **extra) -> None:
+    """A config.json like a real model directory's."""
+    config = {"hidden_size": hidden_size, "vocab_size": vocab_size, "num_hidden_layers": 2, **extra}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def sp_model_dir(tmp_path_factory) -> Path:
+    """A SentencePiece model with byte fallback and Baichuan's reserved control ids (195, 196)."""
+    import sentencepiece
+
+    directory = tmp_path_factory.mktemp("sp")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=600,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        control_symbols=BAICHUAN_RESERVED,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",  # as LLaMA and Baichuan: no NFKC folding of "？" or newlines
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    write_config(directory, vocab_size=700, architectures=["LlamaForCausalLM"])
+    return directory
+
+
+def _tiktoken_line(token: bytes, rank: int) -> str:
+    return f"{base64.b64encode(token).decode()} {rank}"
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory) -> Path:
+    """A synthetic `qwen.tiktoken`: every byte plus a few merges, so control ids follow rank 263."""
+    directory = tmp_path_factory.mktemp("qwen")
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"llo", b"hello", b" c", b"at", b" cat", b"\n\n"]
+    lines = [_tiktoken_line(token, rank) for rank, token in enumerate(tokens)]
+    (directory / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
+    write_config(directory, vocab_size=480, architectures=["QWenLMHeadModel"])
+    return directory
+
+
+CHATML_JINJA = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def hf_chatml_dir(tmp_path_factory) -> Path:
+    """A tiny HF fast tokenizer (byte-level BPE) with ChatML control tokens and a ChatML chat_template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory = tmp_path_factory.mktemp("hf")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 5, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_JINJA})
+    )
+    write_config(directory, hidden_size=48, vocab_size=512, architectures=["Qwen2ForCausalLM"], torch_dtype="bfloat16")
+    return directory
+
+
+@pytest.fixture
+def align_home(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty $ALIGN_HOME for one test."""
+    home = tmp_path / "align-home"
+    monkeypatch.setenv("ALIGN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    """The real LLaMA SentencePiece tokenizer from ../shared (skipped when absent)."""
+    if not LLAMA_MODEL.is_file():
+        pytest.skip(f"{LLAMA_MODEL} not present")
+    from align.backbones.tokenizers import load_tokenizer
+
+    return load_tokenizer("sentencepiece", LLAMA_MODEL, pad=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen(-1) tiktoken tokenizer from ../shared (skipped when absent)."""
+    if not QWEN_TIKTOKEN.is_file():
+        pytest.skip(f"{QWEN_TIKTOKEN} not present")
+    from align.backbones.tokenizers import load_tokenizer
+
+    return load_tokenizer("qwen-tiktoken", QWEN_TIKTOKEN)
