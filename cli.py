@@ -21,9 +21,15 @@ app = typer.Typer(
 )
 backbones_app = typer.Typer(help="List and inspect the LLMs align can plug in.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
+encoder_app = typer.Typer(help="The frozen BLIP-2 image encoder.", no_args_is_help=True)
+app.add_typer(encoder_app, name="encoder")
+features_app = typer.Typer(help="The feature store: Q-Former outputs computed once per image.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+bench_app = typer.Typer(help="Measure speed; results go to bench/results/.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 # Piped output gets a wide fixed width so tables are not squeezed to 80 columns.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
@@ -61,7 +67,7 @@ def backbones_list(as_json: JsonFlag = False) -> None:
             r.spec.name, r.spec.template, r.spec.tokenizer, str(r.spec.hidden_size), str(r.spec.vocab_size), fit,
             ",".join(r.spec.languages) or "-", where,
         )
-    out.print(table)
+    console.print(table)
 
 
 @backbones_app.command("show")
@@ -81,7 +87,7 @@ def backbones_show(name: str, as_json: JsonFlag = False) -> None:
         _print_json(data)
         return
     for key, value in data.items():
-        out.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
 
 
 @app.command("add-backbone")
@@ -98,11 +104,11 @@ def add_backbone(
     result = add(name, model, template, tokenizer, force)
     for check in result.checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
-        out.print(f"{mark} {check.name}: {escape(check.detail)}", highlight=False)
+        console.print(f"{mark} {check.name}: {escape(check.detail)}", highlight=False)
     if not result.ok:
         failed = [c.name for c in result.checks if not c.ok]
         raise AlignError(f"'{name}' not added; failed: {', '.join(failed)}")
-    out.print(f"added '{result.spec.name}' (template {result.spec.template}) → {escape(str(result.path))}", highlight=False)
+    console.print(f"added '{result.spec.name}' (template {result.spec.template}) → {escape(str(result.path))}", highlight=False)
 
 
 @app.command("render")
@@ -121,9 +127,87 @@ def render(
     if as_json:
         _print_json(rendered.as_json())
     elif tokens:
-        out.print(token_table(tokenizer, rendered))
+        console.print(token_table(tokenizer, rendered))
     else:
-        out.print(readable(spec, tokenizer, rendered))
+        console.print(readable(spec, tokenizer, rendered))
+
+
+@encoder_app.command("export")
+def encoder_export(
+    source: Annotated[Path, typer.Option("--from", help="HF BLIP-2 directory, LAVIS directory, or align encoder.")],
+    out: Annotated[Path, typer.Option(help="Directory to write (encoder_config.json + encoder.safetensors).")],
+) -> None:
+    """Write a compact encoder-only directory that loads fast."""
+    from align.tools.encoder import export_encoder
+
+    encoder = export_encoder(source, out)
+    params = sum(p.numel() for p in encoder.module.parameters())
+    message = f"exported a {params / 1e6:.1f}M-parameter encoder from {encoder.source} to {out} (digest {encoder.weights_digest})"
+    console.print(escape(message), highlight=False)
+
+
+@features_app.command("extract")
+def features_extract(
+    manifest: Annotated[list[Path], typer.Option(help="JSON Lines manifest (repeat for several).")],
+    encoder: Annotated[Path, typer.Option(help="Encoder directory (align export, HF BLIP-2 or LAVIS).")],
+    out: Annotated[Path, typer.Option(help="Feature store directory (created, or continued).")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 32,
+    views: Annotated[int, typer.Option(min=0, help="Random-resized-crop training views per image, beside the plain one.")] = 0,
+    image_root: Annotated[Optional[Path], typer.Option(help="Resolve relative image paths here, not beside the manifest.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 8).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
+    convert_modes: Annotated[bool, typer.Option(help="Convert CMYK/palette/grayscale/alpha images to RGB instead of rejecting them.")] = False,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Reject images with more pixels (decompression-bomb guard).")] = 89_478_485,
+    shard_images: Annotated[int, typer.Option(min=1, help="Images per shard file: work lost to a kill is at most this.")] = 256,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the frozen encoder once over the manifests' images into a feature store (resumable)."""
+    from align.tools.extract import extract_features
+
+    if dtype not in (None, "fp16", "bf16", "fp32"):
+        raise AlignError(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
+    summary = extract_features(
+        manifest, encoder, out, batch_size=batch_size, n_views=views, image_root=image_root, workers=workers,
+        dtype=dtype, convert_modes=convert_modes, max_pixels=max_pixels, shard_images=shard_images, progress=not as_json,
+    )
+    if as_json:
+        _print_json(summary.as_dict())
+        return
+    console.print(
+        f"{summary.extracted} extracted, {summary.already_in_store} already in the store, {summary.duplicates} duplicate(s), "
+        f"{summary.rejected} rejected — {summary.images_per_second} images/s on {summary.device} ({summary.dtype}); "
+        f"the store holds {summary.store_images} images",
+        highlight=False,
+    )
+    for reason, count in sorted(summary.reject_reasons.items()):
+        console.print(f"  rejected {count}: {escape(reason)}", highlight=False)
+
+
+@features_app.command("info")
+def features_info(store: Path, as_json: JsonFlag = False) -> None:
+    """Counts, shape, encoder fingerprint and size of a feature store."""
+    from align.tools.feature_store import FeatureStore
+
+    info = FeatureStore.open(store).info()
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+
+
+@features_app.command("verify")
+def features_verify(store: Path) -> None:
+    """Check that every row is readable, matches its checksum, and the index is consistent."""
+    from align.tools.feature_store import FeatureStore, StoreError
+
+    opened = FeatureStore.open(store)
+    problems = opened.verify()
+    for problem in problems:
+        console.print(f"[red]problem[/red] {escape(problem)}", highlight=False)
+    if problems:
+        raise StoreError(f"{store}: {len(problems)} problem(s) found")
+    console.print(f"ok: {len(opened)} images, {opened.physical_rows} rows verified", highlight=False)
 
 
 @app.command("templates")
@@ -132,7 +216,7 @@ def templates() -> None:
     from align.templates import get_template, template_names
 
     for name in template_names():
-        out.print(f"[bold]{name}[/bold]  {escape(get_template(name).description)}", highlight=False)
+        console.print(f"[bold]{name}[/bold]  {escape(get_template(name).description)}", highlight=False)
 
 
 def main() -> None:

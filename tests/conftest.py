@@ -130,3 +130,13 @@ def qwen_tokenizer():
     from align.backbones.tokenizers import load_tokenizer
 
     return load_tokenizer("qwen-tiktoken", QWEN_TIKTOKEN)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory):
+    """(model, HF directory, LAVIS directory) of one tiny random BLIP-2."""
+    from blip2_tiny import build_tiny_blip2, save_hf, save_lavis
+
+    root = tmp_path_factory.mktemp("blip2")
+    model = build_tiny_blip2()
+    return model, save_hf(model, root / "hf"), save_lavis(model, root / "lavis")

@@ -1,0 +1,200 @@
+"""Feature extraction into the store: equals a direct forward pass, rejects bad input, resumes, shards over ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from align.tools.encoder import load_encoder
+from align.tools.extract import ExtractError, extract_features
+from align.tools.feature_store import SHARDS, FeatureStore, StoreError
+from align.tools.image_processing import decode_image, views
+from blip2_tiny import good_image, image_folder, write_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return image_folder(tmp_path / "images")
+
+
+def run(manifest, encoder, out, **options):
+    options = {"workers": 0, "progress": False, "batch_size": 4, "max_pixels": 100_000, **options}
+    return extract_features([manifest], encoder, out, **options)
+
+
+def contents(store: FeatureStore) -> dict:
+    """Everything a reader of the store can observe: key → row, and source → key."""
+    return {"rows": {k: np.array(store.get(k)) for k in store.index}, "sources": dict(store.sources)}
+
+
+def assert_same_contents(a: FeatureStore, b: FeatureStore, atol: float = 0.0):
+    ca, cb = contents(a), contents(b)
+    assert ca["sources"] == cb["sources"] and ca["rows"].keys() == cb["rows"].keys()
+    for key in ca["rows"]:
+        np.testing.assert_allclose(ca["rows"][key].astype(np.float32), cb["rows"][key].astype(np.float32), atol=atol)
+
+
+def test_store_rows_equal_a_direct_forward_pass(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    encoder_dir = tiny_blip2[1]
+    summary = run(manifest, encoder_dir, tmp_path / "store", n_views=2)
+    store = FeatureStore.open(tmp_path / "store")
+    encoder = load_encoder(encoder_dir)
+    assert store.row_shape == (3, 4, 24) and summary.extracted == 6 == len(store)
+    for i in range(6):
+        source = str(manifest.parent / f"good{i}.png")
+        data = Path(source).read_bytes()
+        key = store.key_for_source(source)
+        pixels = views(decode_image(data), encoder.preprocessing, 2, int(key[:15], 16))
+        with torch.no_grad():
+            direct = encoder.module(torch.from_numpy(pixels)).to(torch.float16).numpy()
+        np.testing.assert_allclose(store.get(key).astype(np.float32), direct.astype(np.float32), atol=2e-3)
+        assert not np.allclose(store.get(key)[0], store.get(key)[1])  # a training view is not the plain view
+
+
+def test_every_bad_input_is_rejected_with_its_reason(tiny_blip2, folder, tmp_path):
+    manifest, bad = folder
+    summary = run(manifest, tiny_blip2[1], tmp_path / "store")
+    rejects = [json.loads(line) for line in (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()]
+    by_source = {Path(r["source"]).name: r["reason"] for r in rejects}
+    for name, reason in bad.items():
+        assert reason in by_source[name], (name, by_source.get(name))
+    broken_line = manifest.read_text().splitlines().index('{"image": "good1.png", "caption": ') + 1
+    assert any("malformed manifest line" in r["reason"] and r["source"] == f"{manifest}:{broken_line}" for r in rejects)
+    assert any("not a JSON object" in r["reason"] for r in rejects)
+    assert any(r["reason"] == "record without an image" for r in rejects)
+    assert summary.rejected == len(bad) + 3 and summary.extracted == 6
+    store = FeatureStore.open(tmp_path / "store")
+    # The byte-identical copy is encoded once and mapped to the same key.
+    assert store.key_for_source(str(manifest.parent / "copy.png")) == store.key_for_source(str(manifest.parent / "good0.png"))
+    assert summary.duplicates == 1 and len(store) == 6 and store.physical_rows == 6
+
+
+def test_converting_modes_is_opt_in(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    summary = run(manifest, tiny_blip2[1], tmp_path / "store", convert_modes=True)
+    assert summary.extracted == 6 + 4  # CMYK, palette, grayscale and alpha now converted
+
+
+def test_nothing_extractable_is_an_error(tiny_blip2, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "bad.png", "caption": "x"}])
+    with pytest.raises(ExtractError, match="nothing could be extracted: 1 input"):
+        run(manifest, tiny_blip2[1], tmp_path / "store")
+
+
+def test_rerun_encodes_nothing_again(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    run(manifest, tiny_blip2[1], tmp_path / "store")
+    again = run(manifest, tiny_blip2[1], tmp_path / "store")
+    assert again.extracted == 0 and again.already_in_store == 7 and again.store_images == 6
+    rejects = (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == len(set(rejects))  # the same reject is not written twice
+
+
+def test_store_refuses_another_encoder_or_shape(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    run(manifest, tiny_blip2[1], tmp_path / "store")
+    with pytest.raises(StoreError, match="was made by encoder .* not 0000"):
+        FeatureStore.open(tmp_path / "store", fingerprint="0000")
+    with pytest.raises(StoreError, match=r"rows of shape \[1, 4, 24\], not \[3, 4, 24\]"):
+        run(manifest, tiny_blip2[1], tmp_path / "store", n_views=2)
+
+
+KILLER = """
+import os, sys
+from align.tools import feature_store
+real = feature_store.write_atomic
+commits = 0
+def dying_write(path, data):
+    global commits
+    if path.suffix == ".json" and path.parent.name == "shards":
+        commits += 1
+        if commits == 3:
+            os._exit(137)  # killed between writing a shard's rows and its commit record
+    real(path, data)
+feature_store.write_atomic = dying_write
+from align.cli import main
+sys.argv = ["align"] + sys.argv[1:]
+main()
+"""
+
+
+def cli_extract(manifest, encoder, out, *extra, script=None):
+    args = ["features", "extract", "--manifest", manifest, "--encoder", encoder, "--out", out, "--batch-size", "1",
+            "--shard-images", "1", "--workers", "0", "--max-pixels", "100000", *extra]
+    command = [sys.executable, "-c", script, *map(str, args)] if script else [sys.executable, "-m", "align", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    killed = cli_extract(manifest, tiny_blip2[1], tmp_path / "resumed", script=KILLER)
+    assert killed.returncode == 137
+    shards = tmp_path / "resumed" / SHARDS
+    assert len(list(shards.glob("*.json"))) == 2 and len(list(shards.glob("*.f16"))) == 3  # one orphan row file
+    assert len(FeatureStore.open(tmp_path / "resumed")) == 2  # a valid store, holding what was committed
+
+    resumed = cli_extract(manifest, tiny_blip2[1], tmp_path / "resumed", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["extracted"] == 4  # only the unfinished images
+    full = cli_extract(manifest, tiny_blip2[1], tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    assert_same_contents(FeatureStore.open(tmp_path / "resumed"), FeatureStore.open(tmp_path / "full"))
+    assert not list(shards.glob("*.tmp")) and FeatureStore.open(tmp_path / "resumed").verify() == []
+
+
+def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    single = cli_extract(manifest, tiny_blip2[1], tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    args = ["features", "extract", "--manifest", manifest, "--encoder", tiny_blip2[1], "--out", tmp_path / "two",
+            "--batch-size", "2", "--workers", "0", "--max-pixels", "100000"]
+    two = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29571", "-m", "align", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    writers = {p.stem.split("-")[0] for p in (tmp_path / "two" / SHARDS).glob("*.json")}
+    assert writers == {"r0", "r1"}
+    assert_same_contents(FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two"), atol=2e-3)
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["count"] == 6
+
+
+def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
+    manifest, _ = folder
+    run(manifest, tiny_blip2[1], tmp_path / "store")
+    info = subprocess.run([sys.executable, "-m", "align", "features", "info", tmp_path / "store", "--json"],
+                          capture_output=True, text=True)
+    data = json.loads(info.stdout)
+    assert data["images"] == 6 and data["row_shape"] == [1, 4, 24] and data["rejects"] > 0
+    ok = subprocess.run([sys.executable, "-m", "align", "features", "verify", tmp_path / "store"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok: 6 images" in ok.stdout
+
+    shard = next((tmp_path / "store" / SHARDS).glob("*.f16"))
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "align", "features", "verify", tmp_path / "store"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "checksum mismatch" in bad.stdout and bad.stderr.startswith("error: ")
+
+
+def test_cli_errors_are_one_line(tiny_blip2, tmp_path):
+    good_image(tmp_path / "a.png")
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "x"}])
+    for args in (
+        ["features", "extract", "--manifest", tmp_path / "none.jsonl", "--encoder", tiny_blip2[1], "--out", tmp_path / "s"],
+        ["features", "extract", "--manifest", manifest, "--encoder", tmp_path / "no-encoder", "--out", tmp_path / "s"],
+        ["features", "info", tmp_path / "not-a-store"],
+    ):
+        result = subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,0 +1,254 @@
+"""`align features extract`: run the frozen encoder once over the images of manifests into a feature store.
+
+Resumable (finished images are never encoded again), safe to kill at any moment, parallel over torchrun ranks
+(each rank a disjoint share, its own shards, one store in the end), and bad input is rejected with a reason.
+"""
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from align.errors import AlignError
+from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
+from align.tools.feature_store import REJECTS, FeatureStore, image_key
+from align.tools.image_processing import DEFAULT_MAX_PIXELS, BadImage, Preprocessing, decode_image, views
+from align.tools.manifest import image_refs, read_manifest, resolve_image
+from align.tools.rejects import RejectLog
+
+
+class ExtractError(AlignError):
+    """Extraction that produced nothing usable."""
+
+
+@dataclass
+class ExtractSummary:
+    """What one extraction run did (summed over ranks)."""
+
+    store: str
+    images_seen: int = 0
+    extracted: int = 0
+    already_in_store: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    reject_reasons: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    device: str = ""
+    dtype: str = ""
+    store_images: int = 0
+
+    def as_dict(self) -> dict:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group when there are several."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ranks = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return ranks
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op alone)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[int]) -> list[int]:
+        """Element-wise sum over ranks."""
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Reads, hashes, checks and preprocesses one image per item in a worker process; failures become reasons."""
+
+    def __init__(self, paths: list[str], pre: Preprocessing, n_views: int, max_pixels: int, convert_modes: bool):
+        self.paths, self.pre, self.n_views = paths, pre, n_views
+        self.max_pixels, self.convert_modes = max_pixels, convert_modes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.paths[index]
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            return {"source": source, "reject": "missing file"}
+        except OSError as exc:
+            return {"source": source, "reject": f"unreadable file: {exc.strerror or exc}"}
+        key = image_key(data)
+        try:
+            image = decode_image(data, self.max_pixels, self.convert_modes)
+        except BadImage as exc:
+            return {"source": source, "reject": str(exc), "key": key}
+        # Seeded by the image itself: every run and every rank makes the same training views.
+        return {"source": source, "key": key, "pixels": views(image, self.pre, self.n_views, int(key[:15], 16))}
+
+
+def collect_images(manifests: Iterable[Path], image_root: Path | None, rejects: RejectLog | None) -> list[str]:
+    """Resolved paths of every image the manifests name, each once, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for manifest in manifests:
+        for item in read_manifest(manifest, rejects):
+            refs = image_refs(item.record)
+            if not refs and rejects is not None:
+                rejects.add(item.where, "record without an image")
+            for ref in refs:
+                seen.setdefault(str(resolve_image(ref, item.manifest, image_root)), None)
+    return list(seen)
+
+
+def _device(ranks: Ranks, device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.inference_mode()
+def encode(encoder: Encoder, pixels: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """[N, V, 3, H, W] pixels → [N, V, queries, width] fp16 features."""
+    n, v = pixels.shape[:2]
+    flat = torch.from_numpy(pixels.reshape(n * v, *pixels.shape[2:]))
+    dtype = next(encoder.module.parameters()).dtype
+    outputs = [
+        encoder.module(flat[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
+        for i in range(0, n * v, batch_size)
+    ]
+    return torch.cat(outputs).reshape(n, v, *outputs[0].shape[1:]).to(torch.float16).numpy()
+
+
+def extract_features(
+    manifests: list[Path],
+    encoder_path: Path,
+    out: Path,
+    *,
+    batch_size: int = 32,
+    n_views: int = 0,
+    image_root: Path | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    convert_modes: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    shard_images: int = 256,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Encode every image the manifests name that the store does not hold yet; return the summary."""
+    started = time.perf_counter()
+    ranks = Ranks.from_env()
+    where = _device(ranks, device)
+    dtype = dtype or default_compute_dtype(where)
+    encoder = load_encoder(encoder_path).to(where, dtype)
+    row_shape = (1 + n_views, *encoder.row_shape)
+    info = {"preprocessing": encoder.preprocessing.as_dict(), "encoder_source": encoder.source, "compute_dtype": dtype}
+    fingerprint = encoder.fingerprint(dtype)
+    if ranks.rank == 0:
+        FeatureStore.create(out, fingerprint, row_shape, info)
+    ranks.barrier()
+    store = FeatureStore.open(out, fingerprint, row_shape)
+    writer = f"r{ranks.rank}"
+    store.clean_partial_writes(writer)
+    rejects = RejectLog(Path(out) / REJECTS)
+
+    # Only rank 0 logs manifest problems: every rank reads the same manifests.
+    paths = collect_images(manifests, image_root, rejects if ranks.rank == 0 else None)
+    pending = [p for p in paths if p not in store.sources]
+    mine = pending[ranks.rank::ranks.world]
+    summary = ExtractSummary(store=str(out), device=str(where), dtype=dtype)
+    counts = _extract_share(
+        store, writer, encoder, where, mine, rejects, batch_size, n_views, workers, convert_modes, max_pixels,
+        shard_images, progress and ranks.rank == 0,
+    )
+    rejects.close()
+    ranks.barrier()
+    total = ranks.sum([counts["extracted"], counts["duplicates"], rejects.total])
+    summary.extracted, summary.duplicates, summary.rejected = total
+    summary.images_seen = len(paths)
+    summary.already_in_store = len(paths) - len(pending)
+    summary.reject_reasons = dict(rejects.counts) if ranks.world == 1 else {}
+    store = FeatureStore.open(out)  # every rank's shards
+    if ranks.rank == 0:
+        store.write_count()
+    summary.store_images = len(store)
+    summary.seconds = round(time.perf_counter() - started, 2)
+    summary.images_per_second = round(summary.extracted / summary.seconds, 2) if summary.seconds else 0.0
+    if not paths:
+        raise ExtractError("the manifests name no images; nothing to extract")
+    if summary.extracted == 0 and summary.already_in_store == 0 and summary.duplicates == 0:
+        raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see {Path(out) / REJECTS}")
+    return summary
+
+
+def _extract_share(
+    store: FeatureStore, writer: str, encoder: Encoder, device: torch.device, paths: list[str], rejects: RejectLog,
+    batch_size: int, n_views: int, workers: int | None, convert_modes: bool, max_pixels: int, shard_images: int,
+    show_progress: bool,
+) -> dict:
+    dataset = ImageFiles(paths, encoder.preprocessing, n_views, max_pixels, convert_modes)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    counts = {"extracted": 0, "duplicates": 0}
+    keys: list[str] = []
+    uncommitted: set[str] = set()
+    rows: list[np.ndarray] = []
+    sources: dict[str, str] = {}
+
+    def commit() -> None:
+        if keys or sources:
+            store.commit(writer, list(keys), np.concatenate(rows) if rows else np.zeros((0, *store.row_shape)), dict(sources))
+            keys.clear(), rows.clear(), sources.clear(), uncommitted.clear()
+
+    columns = [
+        TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task("extract", total=len(paths), rate="-")
+        started = time.perf_counter()
+        try:
+            for batch in loader:
+                fresh = []
+                for item in batch:
+                    if "reject" in item:
+                        rejects.add(item["source"], item["reject"])
+                    elif item["key"] in store or item["key"] in uncommitted:
+                        sources[item["source"]] = item["key"]  # the same bytes again: encoded once
+                        counts["duplicates"] += 1
+                    else:
+                        fresh.append(item)
+                        uncommitted.add(item["key"])
+                if fresh:
+                    rows.append(encode(encoder, np.stack([f["pixels"] for f in fresh]), device, batch_size))
+                    for item in fresh:
+                        keys.append(item["key"])
+                        sources[item["source"]] = item["key"]
+                    counts["extracted"] += len(fresh)
+                if len(keys) >= shard_images:
+                    commit()
+                rate = counts["extracted"] / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=len(batch), rate=f"{rate:.1f}")
+        finally:
+            commit()  # also on Ctrl-C: what was encoded is kept
+    return counts

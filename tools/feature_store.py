@@ -1,0 +1,231 @@
+"""The feature store: Q-Former outputs of every image, computed once, read through memory maps.
+
+Layout of a store directory:
+  meta.json                 format version, encoder fingerprint, row shape [views, queries, width], dtype, count
+  shards/<writer>-<seq>.f16 fixed-size fp16 rows, raw, append-only (a new file per commit, never rewritten)
+  shards/<writer>-<seq>.json the commit record of that shard: its image keys, a checksum per row, and the sources
+                            (image paths as resolved from manifests) that map to keys
+  rejects.jsonl             inputs that were skipped, with the reason
+A shard counts only once its .json exists; both files are written to a temporary name and renamed, the .json last,
+so a process killed at any moment leaves a valid store (at worst an orphan .f16 or .tmp, removed on the next write).
+The image key is a hash of the image file's bytes, so duplicate images are encoded once.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from align.errors import AlignError
+
+FORMAT, FORMAT_VERSION = "align-feature-store", 1
+META, SHARDS, REJECTS = "meta.json", "shards", "rejects.jsonl"
+DTYPE = np.float16
+
+
+class StoreError(AlignError):
+    """A feature store that is missing, damaged, or made by another encoder."""
+
+
+def image_key(data: bytes) -> str:
+    """The store key of an image: a hash of its file bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def row_checksum(row: np.ndarray) -> str:
+    """Checksum of one stored row's bytes."""
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=8).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one key's row lives."""
+
+    shard: str
+    row: int
+
+
+class FeatureStore:
+    """Read and append access to one store directory."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self.row_shape: tuple[int, ...] = tuple(meta["row_shape"])
+        self.index: dict[str, Location] = {}
+        self.sources: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}
+        self.physical_rows = 0
+        self._maps: dict[str, np.ndarray] = {}
+        self._load_commits()
+
+    # -- opening ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path | str, fingerprint: str | None = None, row_shape: tuple[int, ...] | None = None) -> "FeatureStore":
+        """Open an existing store; a different encoder fingerprint or row shape is refused, naming both."""
+        path = Path(path)
+        if not (path / META).is_file():
+            raise StoreError(f"{path} is not a feature store (no {META}); create it with `align features extract`")
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"cannot read {path / META}: {exc}") from None
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} store")
+        store = cls(path, meta)
+        store.require(fingerprint, row_shape)
+        return store
+
+    @classmethod
+    def create(cls, path: Path | str, fingerprint: str, row_shape: tuple[int, ...], info: dict) -> "FeatureStore":
+        """Create an empty store, or open the existing one if it was made the same way."""
+        path = Path(path)
+        if (path / META).is_file():
+            return cls.open(path, fingerprint, row_shape)
+        (path / SHARDS).mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "encoder_fingerprint": fingerprint,
+            "row_shape": list(row_shape),
+            "dtype": "float16",
+            "count": 0,
+            **info,
+        }
+        write_atomic(path / META, json.dumps(meta, indent=2).encode())
+        return cls(path, meta)
+
+    def require(self, fingerprint: str | None, row_shape: tuple[int, ...] | None) -> None:
+        """Refuse use with an encoder (fingerprint) or row shape other than the store's."""
+        if fingerprint is not None and fingerprint != self.meta["encoder_fingerprint"]:
+            raise StoreError(
+                f"store {self.path} was made by encoder {self.meta['encoder_fingerprint']}, not {fingerprint}; "
+                "extract into a new store for this encoder"
+            )
+        if row_shape is not None and tuple(row_shape) != self.row_shape:
+            raise StoreError(f"store {self.path} holds rows of shape {list(self.row_shape)}, not {list(row_shape)}")
+
+    def _load_commits(self) -> None:
+        # Sorted shard names make the first writer of a duplicated key win, in every process and every run.
+        for record_path in sorted((self.path / SHARDS).glob("*.json")):
+            record = json.loads(record_path.read_text())
+            shard = record_path.stem
+            for row, (key, checksum) in enumerate(zip(record["keys"], record["checksums"])):
+                self.index.setdefault(key, Location(shard, row))
+                self.checksums.setdefault(key, checksum)
+            self.physical_rows += len(record["keys"])
+            for source, key in record["sources"].items():
+                self.sources.setdefault(source, key)
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def _rows_of(self, shard: str) -> np.ndarray:
+        if shard not in self._maps:
+            file = self.path / SHARDS / f"{shard}.f16"
+            rows = file.stat().st_size // (DTYPE().itemsize * int(np.prod(self.row_shape)))
+            self._maps[shard] = np.memmap(file, dtype=DTYPE, mode="r", shape=(rows, *self.row_shape))
+        return self._maps[shard]
+
+    def get(self, key: str) -> np.ndarray:
+        """The row of an image key: [views, queries, width] fp16 (a read-only memory map)."""
+        try:
+            location = self.index[key]
+        except KeyError:
+            raise StoreError(f"image {key} is not in the store {self.path}") from None
+        return self._rows_of(location.shard)[location.row]
+
+    def key_for_source(self, source: str) -> str | None:
+        """The key of an image path as extraction resolved it, if it was extracted."""
+        return self.sources.get(source)
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+
+    def clean_partial_writes(self, writer: str) -> None:
+        """Remove what a killed writer left behind: temporary files and shards with no commit record."""
+        for file in (self.path / SHARDS).glob(f"{writer}-*"):
+            committed = file.with_suffix(".json").is_file()
+            if file.suffix == ".tmp" or (file.suffix == ".f16" and not committed):
+                file.unlink()
+
+    def commit(self, writer: str, keys: list[str], rows: np.ndarray, sources: dict[str, str]) -> None:
+        """Append rows (and source → key aliases) as one new shard, atomically."""
+        existing = sorted((self.path / SHARDS).glob(f"{writer}-*.json"))
+        seq = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
+        shard = f"{writer}-{seq:06d}"
+        rows = np.ascontiguousarray(rows, dtype=DTYPE)
+        if keys:
+            write_atomic(self.path / SHARDS / f"{shard}.f16", rows.tobytes())
+        record = {"keys": keys, "checksums": [row_checksum(r) for r in rows], "sources": sources}
+        write_atomic(self.path / SHARDS / f"{shard}.json", json.dumps(record).encode())
+        for row, key in enumerate(keys):
+            self.index.setdefault(key, Location(shard, row))
+            self.checksums.setdefault(key, record["checksums"][row])
+        self.physical_rows += len(keys)
+        for source, key in sources.items():
+            self.sources.setdefault(source, key)
+
+    def write_count(self) -> None:
+        """Record the current number of images in meta.json."""
+        self.meta["count"] = len(self)
+        write_atomic(self.path / META, json.dumps(self.meta, indent=2).encode())
+
+    # -- inspection -------------------------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """Counts, shape, fingerprint and size on disk."""
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        rejects = self.path / REJECTS
+        return {
+            "path": str(self.path),
+            "images": len(self),
+            "rows_on_disk": self.physical_rows,
+            "sources": len(self.sources),
+            "row_shape": list(self.row_shape),
+            "dtype": self.meta["dtype"],
+            "views": self.row_shape[0],
+            "encoder_fingerprint": self.meta["encoder_fingerprint"],
+            "shards": len(list((self.path / SHARDS).glob("*.json"))),
+            "rejects": sum(1 for _ in rejects.open()) if rejects.is_file() else 0,
+            "bytes_on_disk": size,
+        }
+
+    def verify(self) -> list[str]:
+        """Every problem found: unreadable shards, rows failing their checksum, sources naming unknown keys."""
+        problems = []
+        for record_path in sorted((self.path / SHARDS).glob("*.json")):
+            record = json.loads(record_path.read_text())
+            if not record["keys"]:
+                continue
+            try:
+                rows = self._rows_of(record_path.stem)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{record_path.stem}: unreadable shard ({exc})")
+                continue
+            if len(rows) != len(record["keys"]):
+                problems.append(f"{record_path.stem}: {len(rows)} rows on disk, {len(record['keys'])} recorded")
+                continue
+            for row, (key, checksum) in enumerate(zip(record["keys"], record["checksums"])):
+                if row_checksum(rows[row]) != checksum:
+                    problems.append(f"{record_path.stem} row {row} (image {key}): checksum mismatch")
+        problems += [f"source {s} names missing image {k}" for s, k in self.sources.items() if k not in self.index]
+        return problems

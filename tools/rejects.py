@@ -1,0 +1,43 @@
+"""The rejects file: every skipped input with its reason, one JSON line each, counted for the summary."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import jsonlines
+
+
+class RejectLog:
+    """Appends rejects to a JSON Lines file (safe to share between processes); a reject already logged is not repeated."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.counts: Counter[str] = Counter()
+        self._seen: set[tuple[str, str]] = set()
+        if self.path.is_file():
+            with self.path.open(encoding="utf-8") as lines:
+                for line in lines:
+                    try:
+                        old = json.loads(line)
+                        self._seen.add((old["source"], old["reason"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line torn by a kill: harmless, the reject will be logged again
+        self._writer = jsonlines.open(self.path, mode="a", flush=True, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    def add(self, source: str, reason: str, **extra) -> None:
+        """Record that `source` was skipped because of `reason`."""
+        self.counts[reason.split(":")[0]] += 1
+        if (source, reason) in self._seen:
+            return
+        self._seen.add((source, reason))
+        self._writer.write({"source": source, "reason": reason, **extra})
+
+    @property
+    def total(self) -> int:
+        """How many inputs were rejected in this run."""
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._writer.close()
