@@ -210,6 +210,28 @@ def features_verify(store: Path) -> None:
     console.print(f"ok: {len(opened)} images, {opened.physical_rows} rows verified", highlight=False)
 
 
+@bench_app.command("features")
+def bench_features(
+    encoder: Annotated[Optional[Path], typer.Option(help="Encoder directory (default: full-size EVA ViT-g + Q-Former, random weights).")] = None,
+    images: Annotated[int, typer.Option(min=1, help="Synthetic 640x480 JPEGs to decode.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed encoder batches (after one warm-up).")] = 5,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 4,
+    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+) -> None:
+    """Images/s for decoding and for encoding, separately, on this machine's device."""
+    from align.tools.bench import bench_features as run
+
+    result, path = run(encoder, images=images, batch_size=batch_size, iterations=iterations, workers=workers,
+                       dtype=dtype, out_dir=out_dir)
+    console.print(
+        f"{result['device']} ({result['dtype']}): decode {result['decode_images_per_second']} images/s "
+        f"with {workers} workers, encode {result['encode_images_per_second']} images/s at batch {batch_size} → {path}",
+        highlight=False,
+    )
+
+
 @app.command("templates")
 def templates() -> None:
     """List the chat templates."""
