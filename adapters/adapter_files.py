@@ -1,0 +1,85 @@
+"""Adapter directories: `adapter_config.json` (what the projector fits) + `adapter.safetensors` (its weights)."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+from align import __version__
+from align.errors import AlignError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+class AdapterError(AlignError):
+    """An adapter that is missing, damaged, or made for another backbone or encoder."""
+
+
+class AdapterConfig(BaseModel):
+    """What a trained projector is bound to; loading it anywhere else is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    projector: str
+    in_features: int
+    out_features: int
+    backbone: str
+    hidden_size: int
+    vocab_size: int
+    template: str
+    num_query_tokens: int
+    encoder_fingerprint: str | None
+    stage: str | None = None
+    step: int = 0
+    align_version: str = __version__
+
+    def check_fits(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str,
+                   num_query_tokens: int | None = None, encoder_fingerprint: str | None = None, where: str = "") -> None:
+        """Refuse a backbone / store this adapter was not made for, naming both sides."""
+        wanted = {"backbone": backbone, "hidden_size": hidden_size, "vocab_size": vocab_size, "template": template}
+        if num_query_tokens is not None:
+            wanted["num_query_tokens"] = num_query_tokens
+        if encoder_fingerprint is not None and self.encoder_fingerprint is not None:
+            wanted["encoder_fingerprint"] = encoder_fingerprint
+        clashes = [f"{k} {getattr(self, k)!r} ≠ {v!r}" for k, v in wanted.items() if getattr(self, k) != v]
+        if clashes:
+            raise AdapterError(
+                f"adapter {where} was made for backbone '{self.backbone}', not '{backbone}': " + "; ".join(clashes)
+            )
+
+
+def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write both files atomically (a half-written adapter is never left behind under the final name)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
+    (staging / ADAPTER_CONFIG).write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    else:
+        os.replace(staging, directory)
+    return directory
+
+
+def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory (safetensors only: nothing is unpickled)."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{directory} is not an adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        config = AdapterConfig.model_validate_json((directory / ADAPTER_CONFIG).read_text())
+    except Exception as exc:
+        raise AdapterError(f"invalid {directory / ADAPTER_CONFIG}: {exc}") from None
+    return config, load_file(str(directory / ADAPTER_WEIGHTS))

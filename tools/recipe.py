@@ -1,0 +1,186 @@
+"""Recipe files: strict YAML schemas, every problem reported at once, misspelt keys answered with the closest one."""
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from align.adapters.projector import projector_names
+from align.errors import AlignError
+
+
+class RecipeError(AlignError):
+    """A recipe that does not validate; the message lists every problem."""
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneRef(Strict):
+    """Which LLM: a registry name, optionally with a model directory that overrides the added one."""
+
+    name: str = Field(description="backbone name from `align backbones list`")
+    model: Path | None = Field(None, description="local model directory (default: the added backbone's)")
+
+
+class DataSource(Strict):
+    """One manifest and its share of the samples when several are mixed."""
+
+    manifest: Path
+    ratio: float = Field(1.0, gt=0, description="relative sampling weight among the stage's manifests")
+
+
+class Schedule(Strict):
+    """MiniGPT-4's schedule: linear warm-up from warmup_lr to init_lr, then cosine down to min_lr."""
+
+    init_lr: float = Field(gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class Stage(Strict):
+    """One training stage; stages run in order, each starting from the previous one's adapter."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: list[DataSource] = Field(min_length=1)
+    template: str | None = Field(None, description="chat template (default: the backbone's; 'caption' for stage 1)")
+    prompts: list[str] | None = Field(None, description="turn caption records into one exchange with a random prompt")
+    max_length: int = Field(512, gt=0)
+    global_batch_size: int = Field(gt=0, description="samples per optimizer step, whatever the number of processes")
+    micro_batch_size: int = Field(1, gt=0, description="samples per forward pass on one process")
+    epochs: int = Field(1, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0, description="optimizer steps per epoch (default: one data pass)")
+    lr: Schedule
+    weight_decay: float = Field(0.05, ge=0)
+    init_from: str | None = Field("previous", description="'previous' stage's adapter, an adapter path, or null")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "Stage":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        return self
+
+
+class Runtime(Strict):
+    """How the stages run: precision, memory savers, DeepSpeed ZeRO, checkpoints."""
+
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    gradient_checkpointing: bool = False
+    zero_stage: int = Field(2, ge=0, le=3)
+    seed: int = 42
+    save_interval: int = Field(500, gt=0, description="optimizer steps between checkpoints")
+    output_dir: Path = Path("runs/align")
+    gradient_clipping: float = Field(1.0, ge=0)
+    trust_remote_code: bool = False
+
+
+class Recipe(Strict):
+    """A whole training run: backbone, feature store, projector, stages, runtime."""
+
+    backbone: BackboneRef
+    features: Path = Field(description="feature store made by `align features extract`")
+    projector: str = "linear"
+    stages: list[Stage] = Field(min_length=1)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.projector not in projector_names():
+            raise ValueError(f"projector {self.projector!r} is not one of {', '.join(projector_names())}")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique: {names}")
+        if self.stages[0].init_from == "previous":
+            self.stages[0].init_from = None
+        return self
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the last key of `loc`."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(Recipe, loc)
+        close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields) if owner else [], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{where}: unknown key{hint}"
+    return f"{where}: {error['msg']}"
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML; a stage may be named instead of numbered)."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            names = [s.get("name") for s in node if isinstance(s, dict)]
+            index = int(part) if part.isdigit() else (names.index(part) if part in names else None)
+            if index is None or index >= len(node):
+                raise RecipeError(f"--set {key}: no item '{part}' (have {', '.join(map(str, names))})")
+            part = index
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: '{parts[i - 1]}' is not a section")
+        if last:
+            node[part] = yaml.safe_load(raw)
+        else:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    return None if path is None else (path if path.expanduser().is_absolute() else base / path).expanduser()
+
+
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate; relative paths in the recipe are relative to its file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+    base = path.parent.resolve()
+    recipe.features = _resolve(recipe.features, base)
+    recipe.backbone.model = _resolve(recipe.backbone.model, base)
+    recipe.runtime.output_dir = _resolve(recipe.runtime.output_dir, base)
+    for stage in recipe.stages:
+        for source in stage.data:
+            source.manifest = _resolve(source.manifest, base)
+        if stage.init_from not in (None, "previous"):
+            stage.init_from = str(_resolve(Path(stage.init_from), base))
+    return recipe

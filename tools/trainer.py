@@ -1,0 +1,277 @@
+"""`align train`: run a recipe's stages in order, training only the projector under a DeepSpeed engine.
+
+The DeepSpeed engine wraps the projector alone (the frozen LLM stays outside it), so every ZeRO stage partitions
+only what is trained, checkpoints never hold frozen weights, and a previous stage's adapter is loaded into the plain
+projector before the engine exists (which is what makes ZeRO-3 stage chaining work).
+"""
+
+import json
+import math
+import os
+import random
+import resource
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
+from align.adapters.projector import build_projector
+from align.adapters.vision_llm import VisionLLM
+from align.backbones.llm import TORCH_DTYPES, load_frozen_llm
+from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.backbones.spec import BackboneSpec
+from align.errors import AlignError
+from align.templates import get_template
+from align.tools.feature_store import FeatureStore
+from align.tools.recipe import Recipe, Stage, load_recipe
+from align.tools.rejects import RejectLog
+from align.tools.training_data import BatchPlan, build_samples, collate
+
+DONE = "stage_done.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_distributed() -> tuple[int, int]:
+    """Start DeepSpeed's process group (gloo on CPU, with its CPU accelerator; nccl on GPU); (rank, world)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def lr_at(step: int, total: int, stage: Stage) -> float:
+    """Linear warm-up from warmup_lr to init_lr, then cosine decay to min_lr (MiniGPT-4's schedule)."""
+    s = stage.lr
+    if step < s.warmup_steps:
+        return s.warmup_lr + (s.init_lr - s.warmup_lr) * step / max(1, s.warmup_steps)
+    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return s.min_lr + (s.init_lr - s.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: GPU allocations on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Run:
+    """What every stage shares: recipe, ranks, backbone, tokenizer, store, frozen LLM."""
+
+    recipe: Recipe
+    rank: int
+    world: int
+    device: torch.device
+    spec: BackboneSpec
+    store: FeatureStore
+    model: VisionLLM | None = None
+
+    @property
+    def main(self) -> bool:
+        """True on the process that logs and writes adapters."""
+        return self.rank == 0
+
+
+def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterConfig:
+    """The metadata that binds this stage's projector to its backbone, template and encoder."""
+    return AdapterConfig(
+        projector=run.recipe.projector, in_features=run.store.row_shape[-1], out_features=run.spec.hidden_size,
+        backbone=run.spec.name, hidden_size=run.spec.hidden_size, vocab_size=run.spec.vocab_size, template=template,
+        num_query_tokens=run.store.row_shape[1], encoder_fingerprint=run.store.meta["encoder_fingerprint"],
+        stage=stage.name, step=step,
+    )
+
+
+def _projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full projector weights on every rank (gathered from ZeRO-3 partitions)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    context = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else nullcontext()
+    with context:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def initial_projector(run: Run, stage: Stage, previous: Path | None, template: str) -> torch.nn.Module:
+    """A new projector, or the previous stage's / a given adapter loaded into it (checked to fit)."""
+    projector = build_projector(run.recipe.projector, run.store.row_shape[-1], run.spec.hidden_size)
+    source = previous if stage.init_from == "previous" else (Path(stage.init_from) if stage.init_from else None)
+    if source is not None:
+        config, state = load_adapter(source)
+        config.check_fits(backbone=run.spec.name, hidden_size=run.spec.hidden_size, vocab_size=run.spec.vocab_size,
+                          template=config.template, num_query_tokens=run.store.row_shape[1],
+                          encoder_fingerprint=run.store.meta["encoder_fingerprint"], where=str(source))
+        projector.load_state_dict(state)
+    return projector
+
+
+def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, show_progress: bool) -> Path:
+    """Train one stage to its end (or resume it); returns its adapter directory."""
+    import deepspeed
+
+    runtime = run.recipe.runtime
+    stage_dir = runtime.output_dir / stage.name
+    adapter_dir = stage_dir / "adapter"
+    if resume and (stage_dir / DONE).is_file():
+        return adapter_dir
+    template_name = stage.template or run.spec.template
+    template = get_template(template_name)
+    tokenizer = backbone_tokenizer(run.spec, run.recipe.backbone.model)
+    rejects = RejectLog(stage_dir / "rejects.jsonl") if run.main else None
+    per_source = build_samples(
+        [d.manifest for d in stage.data], run.store, template, tokenizer, system=run.spec.system,
+        max_length=stage.max_length, prompts=stage.prompts, seed=runtime.seed,
+        rejects=rejects or RejectLog(stage_dir / f".rejects.rank{run.rank}.jsonl"),
+    )
+    plan = BatchPlan(per_source, [d.ratio for d in stage.data], stage.global_batch_size, runtime.seed)
+    steps_per_epoch = stage.steps_per_epoch or plan.steps_per_pass
+    total = stage.epochs * steps_per_epoch
+    micro_per_rank, remainder = divmod(stage.global_batch_size, stage.micro_batch_size * run.world)
+    if remainder:
+        raise AlignError(f"stage {stage.name}: global_batch_size {stage.global_batch_size} does not split into "
+                         f"micro-batches of {stage.micro_batch_size} over {run.world} process(es)")
+
+    torch.manual_seed(runtime.seed)
+    projector = initial_projector(run, stage, previous, template_name)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr.init_lr, weight_decay=stage.weight_decay)
+    ds_config = {
+        "train_batch_size": stage.global_batch_size,
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": micro_per_rank,
+        "gradient_clipping": runtime.gradient_clipping,
+        "zero_optimization": {"stage": runtime.zero_stage},
+        "bf16": {"enabled": runtime.precision == "bf16" and run.device.type == "cuda"},
+        "fp16": {"enabled": runtime.precision == "fp16" and run.device.type == "cuda"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=projector, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, stage) / stage.lr.init_lr),
+    )
+    run.model.projector = engine
+    run.model.check_frozen()
+
+    start = 0
+    checkpoints = stage_dir / "checkpoints"
+    if resume and (checkpoints / "latest").is_file():
+        _, client = engine.load_checkpoint(str(checkpoints))
+        start = client["step"]
+        torch.set_rng_state(client["torch_rng"])
+    views = run.store.row_shape[0]
+
+    def save(step: int) -> None:
+        engine.save_checkpoint(str(checkpoints), tag=f"step{step}",
+                               client_state={"step": step, "torch_rng": torch.get_rng_state()})
+        state = _projector_state(engine, runtime.zero_stage)
+        if run.main:
+            save_adapter(adapter_dir, adapter_config(run, stage, step, template_name), state)
+
+    metrics = (runtime.output_dir / "metrics.jsonl").open("a") if run.main else None
+    amp = TORCH_DTYPES[runtime.precision] if runtime.precision != "fp32" else None
+    columns = [TextColumn(f"[bold]{stage.name}[/bold]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
+    step = start
+    try:
+        with Progress(*columns, disable=not (show_progress and run.main)) as bar:
+            task = bar.add_task(stage.name, total=total, completed=start, loss="-")
+            for step in range(start, total):
+                epoch = step // steps_per_epoch
+                # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
+                view = 1 + epoch % (views - 1) if views > 1 else 0
+                batch = plan.batch(epoch, step % steps_per_epoch)
+                micro = [batch[i:i + stage.micro_batch_size] for i in range(0, len(batch), stage.micro_batch_size)]
+                mine = micro[run.rank::run.world]
+                started = time.perf_counter()
+                losses, real, padded = [], 0, 0
+                for samples in mine:
+                    inputs = {k: v.to(run.device) for k, v in collate(samples, run.store, view, tokenizer.pad_id).items()}
+                    autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
+                    with autocast:
+                        loss = run.model(**inputs).loss
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(loss.detach().float())
+                    real += int(inputs["attention_mask"].sum())
+                    padded += inputs["attention_mask"].numel()
+                totals = torch.tensor([sum(losses).item(), len(losses), real, padded], dtype=torch.float64)
+                if run.world > 1:
+                    torch.distributed.all_reduce(totals)
+                seconds = time.perf_counter() - started
+                record = {
+                    "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
+                    "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
+                    "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
+                }
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
+                if (step + 1) % runtime.save_interval == 0 and step + 1 < total:
+                    save(step + 1)
+            step = total
+    except KeyboardInterrupt:
+        save(step)  # Ctrl-C: keep what was learnt; `--resume` continues from here
+        raise
+    save(total)
+    if run.main:
+        (stage_dir / DONE).write_text(json.dumps({"steps": total, "rejected": rejects.total if rejects else 0}))
+        rejects.close()
+        metrics.close()
+    return adapter_dir
+
+
+def _float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
+          show_progress: bool = True) -> list[Path]:
+    """Run every stage of a recipe in order; returns the adapter directory of each stage."""
+    recipe = load_recipe(recipe_path, list(overrides))
+    if output is not None:
+        recipe.runtime.output_dir = output.resolve()
+    rank, world = start_distributed()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() else torch.device("cpu")
+    random.seed(recipe.runtime.seed)
+    np.random.seed(recipe.runtime.seed)
+    spec = get_backbone(recipe.backbone.name)
+    store = FeatureStore.open(recipe.features)
+    run = Run(recipe, rank, world, device, spec, store)
+    llm = load_frozen_llm(
+        spec, recipe.backbone.model, dtype="fp32" if device.type == "cpu" and recipe.runtime.quantization == "none"
+        else recipe.runtime.precision, quantization=recipe.runtime.quantization,
+        trust_remote_code=recipe.runtime.trust_remote_code,
+        gradient_checkpointing=recipe.runtime.gradient_checkpointing, device=device,
+    )
+    run.model = VisionLLM(llm, torch.nn.Identity())  # each stage puts its own projector engine here
+    if run.main:
+        recipe.runtime.output_dir.mkdir(parents=True, exist_ok=True)
+        (recipe.runtime.output_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    adapters, previous = [], None
+    for stage in recipe.stages:
+        previous = train_stage(run, stage, previous, resume, show_progress)
+        adapters.append(previous)
+        torch.distributed.barrier()
+    return adapters
