@@ -232,6 +232,36 @@ def bench_features(
     )
 
 
+@app.command("train")
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    output: Annotated[Optional[Path], typer.Option(help="Output directory (overrides runtime.output_dir).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint; finished stages are kept.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
+) -> None:
+    """Train the projector through every stage of a recipe (under torchrun or deepspeed for several processes)."""
+    from align.tools.trainer import train as run
+
+    try:
+        adapters = run(recipe, output, resume, set_ or []).adapters
+    except KeyboardInterrupt:
+        raise AlignError("interrupted: a checkpoint was saved; run again with --resume to continue") from None
+    for adapter in adapters:
+        console.print(f"adapter: {escape(str(adapter))}", highlight=False)
+
+
+@app.command("validate")
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
+) -> None:
+    """Check a recipe without running it: schema, backbone, feature store and manifests."""
+    from align.tools.recipe import check_recipe
+
+    checked = check_recipe(recipe, set_ or [])
+    console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
+
+
 @app.command("templates")
 def templates() -> None:
     """List the chat templates."""

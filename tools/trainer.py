@@ -10,8 +10,11 @@ import math
 import os
 import random
 import resource
+import signal
 import socket
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,8 @@ def start_distributed() -> tuple[int, int]:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
+    # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -70,6 +75,28 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StopOnInterrupt:
+    """Turns Ctrl-C into a request that the training loop honours at the end of the running step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -190,48 +217,47 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     columns = [TextColumn(f"[bold]{stage.name}[/bold]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
     step = start
-    try:
-        with Progress(*columns, disable=not (show_progress and run.main)) as bar:
-            task = bar.add_task(stage.name, total=total, completed=start, loss="-")
-            for step in range(start, total):
-                epoch = step // steps_per_epoch
-                # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
-                view = 1 + epoch % (views - 1) if views > 1 else 0
-                batch = plan.batch(epoch, step % steps_per_epoch)
-                micro = [batch[i:i + stage.micro_batch_size] for i in range(0, len(batch), stage.micro_batch_size)]
-                mine = micro[run.rank::run.world]
-                started = time.perf_counter()
-                losses, real, padded = [], 0, 0
-                for samples in mine:
-                    inputs = {k: v.to(run.device) for k, v in collate(samples, run.store, view, tokenizer.pad_id).items()}
-                    autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
-                    with autocast:
-                        loss = run.model(**inputs).loss
-                    engine.backward(loss)
-                    engine.step()
-                    losses.append(loss.detach().float())
-                    real += int(inputs["attention_mask"].sum())
-                    padded += inputs["attention_mask"].numel()
-                totals = torch.tensor([sum(losses).item(), len(losses), real, padded], dtype=torch.float64)
-                if run.world > 1:
-                    torch.distributed.all_reduce(totals)
-                seconds = time.perf_counter() - started
-                record = {
-                    "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
-                    "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
-                    "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
-                }
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
-                if (step + 1) % runtime.save_interval == 0 and step + 1 < total:
-                    save(step + 1)
-            step = total
-    except KeyboardInterrupt:
-        save(step)  # Ctrl-C: keep what was learnt; `--resume` continues from here
-        raise
+    with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
+        task = bar.add_task(stage.name, total=total, completed=start, loss="-")
+        for step in range(start, total):
+            epoch = step // steps_per_epoch
+            # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
+            view = 1 + epoch % (views - 1) if views > 1 else 0
+            batch = plan.batch(epoch, step % steps_per_epoch)
+            micro = [batch[i:i + stage.micro_batch_size] for i in range(0, len(batch), stage.micro_batch_size)]
+            mine = micro[run.rank::run.world]
+            started = time.perf_counter()
+            losses, real, padded = [], 0, 0
+            for samples in mine:
+                inputs = {k: v.to(run.device) for k, v in collate(samples, run.store, view, tokenizer.pad_id).items()}
+                autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
+                with autocast:
+                    loss = run.model(**inputs).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach().float())
+                real += int(inputs["attention_mask"].sum())
+                padded += inputs["attention_mask"].numel()
+            totals = torch.tensor([sum(losses).item(), len(losses), real, padded, stop.requested], dtype=torch.float64)
+            if run.world > 1:
+                torch.distributed.all_reduce(totals)
+            seconds = time.perf_counter() - started
+            record = {
+                "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
+                "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
+                "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
+            }
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
+            if totals[4].item() > 0:
+                # Ctrl-C (on any rank) finishes the running step, so the checkpoint sits on a step boundary.
+                save(step + 1)
+                raise KeyboardInterrupt
+            if (step + 1) % runtime.save_interval == 0 and step + 1 < total:
+                save(step + 1)
     save(total)
     if run.main:
         (stage_dir / DONE).write_text(json.dumps({"steps": total, "rejected": rejects.total if rejects else 0}))
@@ -246,9 +272,17 @@ def _float(value) -> float | None:
     return float(value.item() if hasattr(value, "item") else value)
 
 
+@dataclass
+class TrainOutcome:
+    """Each stage's adapter directory, and the model as trained (frozen LLM + last projector engine)."""
+
+    adapters: list[Path]
+    model: VisionLLM
+
+
 def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
-          show_progress: bool = True) -> list[Path]:
-    """Run every stage of a recipe in order; returns the adapter directory of each stage."""
+          show_progress: bool = True) -> TrainOutcome:
+    """Run every stage of a recipe in order."""
     recipe = load_recipe(recipe_path, list(overrides))
     if output is not None:
         recipe.runtime.output_dir = output.resolve()
@@ -274,4 +308,4 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
         previous = train_stage(run, stage, previous, resume, show_progress)
         adapters.append(previous)
         torch.distributed.barrier()
-    return adapters
+    return TrainOutcome(adapters, run.model)
