@@ -140,3 +140,40 @@ def tiny_blip2(tmp_path_factory):
     root = tmp_path_factory.mktemp("blip2")
     model = build_tiny_blip2()
     return model, save_hf(model, root / "hf"), save_lavis(model, root / "lavis")
+
+
+@pytest.fixture(scope="session")
+def train_workspace(tmp_path_factory, sp_model_dir, hf_chatml_dir, tiny_blip2):
+    """Tiny LLaMA and Qwen2 LLMs registered as backbones, a feature store of coloured images, and their manifest."""
+    import os
+
+    from blip2_tiny import COLOURS, good_image, write_manifest
+    from tiny_llm import save_tiny_llama, save_tiny_qwen2
+
+    root = tmp_path_factory.mktemp("train")
+    home = root / "home"
+    previous = os.environ.get("ALIGN_HOME")
+    os.environ["ALIGN_HOME"] = str(home)
+    try:
+        from align.backbones.registry import add_backbone
+        from align.tools.extract import extract_features
+
+        assert add_backbone("tiny-llama", save_tiny_llama(root / "llama", sp_model_dir / "tokenizer.model"),
+                            template="vicuna-v1.1").ok
+        assert add_backbone("tiny-qwen2", save_tiny_qwen2(root / "qwen2", hf_chatml_dir)).ok
+        images = root / "data"
+        images.mkdir()
+        records = []
+        for i in range(16):
+            colour = list(COLOURS)[i % 4]
+            good_image(images / f"{i}.png", COLOURS[colour], seed=i)
+            records.append({"image": f"{i}.png", "caption": f"a {colour} picture"})
+        manifest = write_manifest(images / "captions.jsonl", records)
+        extract_features([manifest], tiny_blip2[1], root / "features", workers=0, progress=False, n_views=1)
+    finally:
+        if previous is None:
+            os.environ.pop("ALIGN_HOME", None)
+        else:
+            os.environ["ALIGN_HOME"] = previous
+    return {"root": root, "home": home, "manifest": manifest, "features": root / "features",
+            "llama": root / "llama", "qwen2": root / "qwen2"}

@@ -168,6 +168,10 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         max_length=stage.max_length, prompts=stage.prompts, seed=runtime.seed,
         rejects=rejects or RejectLog(stage_dir / f".rejects.rank{run.rank}.jsonl"),
     )
+    if not any(per_source):
+        reasons = dict(rejects.counts) if rejects else {}
+        raise AlignError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
+                         f"(details in {stage_dir / 'rejects.jsonl'})")
     plan = BatchPlan(per_source, [d.ratio for d in stage.data], stage.global_batch_size, runtime.seed)
     steps_per_epoch = stage.steps_per_epoch or plan.steps_per_pass
     total = stage.epochs * steps_per_epoch

@@ -1,0 +1,174 @@
+"""Projector training under DeepSpeed on CPU: only the projector learns, stages chain, runs resume exactly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.adapters.adapter_files import AdapterError, load_adapter
+from align.tools.recipe import RecipeError, load_recipe
+from align.tools.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def workspace(train_workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
+    recipe = tmp_path / "tiny.yaml"
+    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe)
+    sets = [f"features={train_workspace['features']}",
+            f"stages.caption.data.0.manifest={train_workspace['manifest']}",
+            f"stages.chat.data.0.manifest={train_workspace['manifest']}",
+            f"runtime.output_dir={tmp_path / 'run'}"]
+    return {**train_workspace, "recipe": recipe, "sets": sets, "run": tmp_path / "run"}
+
+
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "adapter.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_only_the_projector_learns(workspace):
+    outcome = train(workspace["recipe"], overrides=workspace["sets"] + ["stages.caption.epochs=8"], show_progress=False)
+    losses = [m["loss"] for m in metrics(workspace["run"]) if m["stage"] == "caption"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    llm = outcome.model.llm
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(workspace["llama"]).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in llm.state_dict().items())  # bitwise unchanged
+    assert all(p.grad is None for p in llm.parameters())  # gradients reached only the projector
+    first = metrics(workspace["run"])[0]
+    assert {"loss", "lr", "grad_norm", "samples_per_second", "tokens_per_second", "padding_efficiency",
+            "peak_memory_mb"} <= set(first)
+    assert 0 < first["padding_efficiency"] <= 1
+
+
+def test_stages_chain_and_adapters_bind_their_backbone(workspace):
+    outcome = train(workspace["recipe"], overrides=workspace["sets"], show_progress=False)
+    caption, chat = outcome.adapters
+    config, weights = load_adapter(chat)
+    assert (config.stage, config.template, config.backbone, config.projector) == ("chat", "vicuna-v1.1", "tiny-llama", "linear")
+    assert config.num_query_tokens == 4 and config.in_features == 24 and config.out_features == 32
+    assert set(weights) == {"weight", "bias"}
+    assert load_adapter(caption)[0].template == "caption"
+    checkpoints = workspace["run"] / "caption" / "checkpoints"
+    saved = sum(f.stat().st_size for f in checkpoints.rglob("*.pt"))
+    assert saved < 100_000  # projector and optimizer only: the frozen LLM is never checkpointed
+    with pytest.raises(AdapterError, match="made for backbone 'tiny-llama', not 'tiny-qwen2'"):
+        config.check_fits(backbone="tiny-qwen2", hidden_size=32, vocab_size=512, template="chatml")
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch):
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
+    full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
+
+    from align.tools import trainer
+
+    real_collate, calls = trainer.collate, {"n": 0}
+
+    def ctrl_c_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the middle of the caption stage's third step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "collate", ctrl_c_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(workspace["recipe"], output=workspace["run"] / "cut", overrides=sets, show_progress=False)
+    assert (workspace["run"] / "cut" / "caption" / "checkpoints" / "latest").read_text() == "step3"
+    monkeypatch.setattr(trainer, "collate", real_collate)
+    resumed = train(workspace["recipe"], output=workspace["run"] / "cut", resume=True, overrides=sets, show_progress=False)
+    for a, b in zip(full.adapters, resumed.adapters):
+        wa, wb = adapter_weights(a), adapter_weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_every_zero_stage_trains_and_chains(workspace, zero_stage):
+    sets = workspace["sets"] + [f"runtime.zero_stage={zero_stage}", "stages.caption.epochs=1", "stages.chat.epochs=1"]
+    outcome = train(workspace["recipe"], overrides=sets, show_progress=False)
+    for adapter in outcome.adapters:
+        config, weights = load_adapter(adapter)
+        assert weights["weight"].shape == (32, 24) and config.step > 0
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_llm_paths_run(workspace, quantization):
+    import bitsandbytes as bnb
+
+    sets = workspace["sets"] + [f"runtime.quantization={quantization}", "runtime.precision=bf16",
+                                "stages.caption.epochs=1", "stages.chat.epochs=1"]
+    outcome = train(workspace["recipe"], overrides=sets, show_progress=False)
+    kinds = {type(m) for m in outcome.model.llm.modules()}
+    assert (bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit) in kinds
+    assert torch.isfinite(adapter_weights(outcome.adapters[-1])["weight"]).all()
+
+
+def test_qwen2_architecture_with_chatml(workspace):
+    sets = workspace["sets"] + ["backbone.name=tiny-qwen2", "stages.caption.epochs=1", "stages.chat.epochs=1"]
+    outcome = train(workspace["recipe"], overrides=sets, show_progress=False)
+    assert load_adapter(outcome.adapters[-1])[0].template == "chatml"
+
+
+def test_two_processes_end_with_the_same_adapter_as_one(workspace):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
+    # In-process trainings of this session left their rendezvous variables in os.environ; children start clean.
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
+
+    def run(prefix, output):
+        args = [*prefix, "-m", "align", "train", str(workspace["recipe"]), "--output", str(output)]
+        for s in sets:
+            args += ["--set", s]
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run([sys.executable], workspace["run"] / "one")
+    run([torchrun, "--nproc-per-node", "2", "--master-port", "29573"], workspace["run"] / "two")
+    for stage in ("caption", "chat"):
+        one, two = (adapter_weights(workspace["run"] / n / stage / "adapter") for n in ("one", "two"))
+        for key in one:
+            torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_errors_are_clear(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe)
+    with pytest.raises(RecipeError, match=r"runtime.zero_stag: unknown key \(did you mean 'zero_stage'\?\)"):
+        load_recipe(recipe, ["runtime.zero_stag=2"])
+    with pytest.raises(RecipeError, match="global_batch_size 8 is not a multiple of micro_batch_size 3"):
+        load_recipe(recipe, ["stages.caption.micro_batch_size=3"])
+    with pytest.raises(RecipeError, match="2 problem"):
+        load_recipe(recipe, ["runtime.precision=fp8", "stages.chat.lr.init_lr=-1"])
+    with pytest.raises(RecipeError, match="no item 'stage9'"):
+        load_recipe(recipe, ["stages.stage9.epochs=1"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# align train recipes/") and path.name in first_line
+
+
+def test_validate_command(workspace):
+    args = [sys.executable, "-m", "align", "validate", str(workspace["recipe"])]
+    for s in workspace["sets"]:
+        args += ["--set", s]
+    ok = subprocess.run(args, capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok: 2 stage(s)" in ok.stdout, ok.stderr
+    bad = subprocess.run(args + ["--set", "backbone.name=nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
