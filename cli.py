@@ -25,6 +25,8 @@ encoder_app = typer.Typer(help="The frozen BLIP-2 image encoder.", no_args_is_he
 app.add_typer(encoder_app, name="encoder")
 features_app = typer.Typer(help="The feature store: Q-Former outputs computed once per image.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
+data_app = typer.Typer(help="Data sets → align manifests.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Measure speed; results go to bench/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -230,6 +232,21 @@ def bench_features(
         f"with {workers} workers, encode {result['encode_images_per_second']} images/s at batch {batch_size} → {path}",
         highlight=False,
     )
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help="The data set file or folder.")],
+    format_: Annotated[str, typer.Option("--format", help="cc_sbu_align, minigpt4qwen, llava or caption_folder.")],
+    out: Annotated[Path, typer.Option(help="Manifest to write (JSON Lines).")],
+    image_root: Annotated[Optional[Path], typer.Option(help="Write image paths relative to this folder.")] = None,
+) -> None:
+    """Convert a public data set layout into an align manifest; bad entries go to OUT.rejects.jsonl."""
+    from align.tools.data_convert import convert
+
+    summary = convert(format_, src, out, image_root)
+    console.print(f"{summary.written} records → {escape(summary.out)}; {summary.rejected} rejected → "
+                  f"{escape(summary.rejects)}", highlight=False)
 
 
 @app.command("train")

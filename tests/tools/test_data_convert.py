@@ -1,0 +1,66 @@
+"""`align data convert`: each public layout becomes records the templates accept; Chinese text is kept as is."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from align.templates import conversation_from_record
+from align.tools.data_convert import convert
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_cc_sbu_align(tmp_path):
+    src = tmp_path / "cc_sbu_align"
+    (src / "image").mkdir(parents=True)
+    (src / "filter_cap.json").write_text(json.dumps(
+        {"annotations": [{"image_id": "2", "caption": "A dog."}, {"image_id": "3"}]}))
+    summary = convert("cc_sbu_align", src, tmp_path / "m.jsonl")
+    assert (summary.written, summary.rejected) == (1, 1)
+    [record] = records(tmp_path / "m.jsonl")
+    assert record == {"image": str((src / "image" / "2.jpg").resolve()), "caption": "A dog."}
+
+
+def test_minigpt4qwen_single_and_lists_keep_chinese(tmp_path):
+    data = [
+        {"image": "a.jpg", "instruction": "<Img><ImageHere></Img> 描述这张图片。", "output": "一只猫。"},
+        {"image": "b.jpg", "instruction": ["<Img><ImageHere></Img> 这是什么？", "什么颜色？"], "output": ["猫。", "橙色。"]},
+        {"image": "c.jpg", "instruction": ["a", "b"], "output": ["only one"]},
+    ]
+    (tmp_path / "instructions.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    summary = convert("minigpt4qwen", tmp_path / "instructions.json", tmp_path / "m.jsonl", image_root=tmp_path)
+    assert (summary.written, summary.rejected) == (2, 1)
+    text = (tmp_path / "m.jsonl").read_text(encoding="utf-8")
+    assert "描述这张图片" in text and "\\u" not in text
+    first, second = records(tmp_path / "m.jsonl")
+    assert first["image"] == "a.jpg" and first["conversations"][0]["value"] == "<image> 描述这张图片。"
+    assert len(conversation_from_record(second).messages) == 4
+
+
+def test_llava_and_caption_folder(tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"id": "1", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo"}]},
+        {"id": "2"},
+    ]))
+    summary = convert("llava", tmp_path / "llava.json", tmp_path / "l.jsonl", image_root=tmp_path)
+    assert (summary.written, summary.rejected) == (1, 1) and records(tmp_path / "l.jsonl")[0]["image"] == "x.jpg"
+
+    folder = tmp_path / "shards" / "00000"
+    folder.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.jpg").write_bytes(b"jpeg")
+    (folder / "a.txt").write_text("a red square\n")
+    (folder / "b.json").write_text(json.dumps({"caption": "一个蓝色的圆"}, ensure_ascii=False))
+    summary = convert("caption_folder", tmp_path / "shards", tmp_path / "c.jsonl")
+    assert (summary.written, summary.rejected) == (2, 1)
+    assert [r["caption"] for r in records(tmp_path / "c.jsonl")] == ["a red square", "一个蓝色的圆"]
+
+
+def test_cli_unknown_format_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "align", "data", "convert", str(tmp_path), "--format", "llava2",
+                             "--out", str(tmp_path / "m.jsonl")], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown data format 'llava2'. Did you mean 'llava'?" in result.stderr
