@@ -252,7 +252,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
                 "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
                 "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
             }
-            if metrics:
+            if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
@@ -264,7 +264,12 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
                 save(step + 1)
     save(total)
     if run.main:
-        (stage_dir / DONE).write_text(json.dumps({"steps": total, "rejected": rejects.total if rejects else 0}))
+        summary = {"stage": stage.name, "steps": total, "samples": plan.size,
+                   "rejected": rejects.total if rejects else 0, "final_loss": record["loss"] if total > start else None}
+        (stage_dir / DONE).write_text(json.dumps(summary))
+        if show_progress:
+            bar.console.print(f"{stage.name}: {total} steps on {plan.size} samples ({summary['rejected']} rejected), "
+                              f"final loss {summary['final_loss']}", highlight=False)
         rejects.close()
         metrics.close()
     return adapter_dir
