@@ -27,6 +27,8 @@ features_app = typer.Typer(help="The feature store: Q-Former outputs computed on
 app.add_typer(features_app, name="features")
 data_app = typer.Typer(help="Data sets → align manifests.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(help="Import projectors trained by other toolkits.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 bench_app = typer.Typer(help="Measure speed; results go to bench/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -247,6 +249,34 @@ def data_convert(
     summary = convert(format_, src, out, image_root)
     console.print(f"{summary.written} records → {escape(summary.out)}; {summary.rejected} rejected → "
                   f"{escape(summary.rejects)}", highlight=False)
+
+
+def _import(kind: str, checkpoint: Path, backbone: str, out: Path) -> None:
+    from align.adapters.checkpoint_import import import_checkpoint
+    from align.backbones.registry import get_backbone
+
+    written = import_checkpoint(kind, checkpoint, get_backbone(backbone), out)
+    console.print(f"adapter for {backbone} → {escape(str(written))}", highlight=False)
+
+
+@import_app.command("minigpt4")
+def import_minigpt4(
+    checkpoint: Path,
+    backbone: Annotated[str, typer.Option(help="vicuna-7b-v0 or vicuna-13b-v0.")],
+    out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
+) -> None:
+    """MiniGPT-4's released checkpoint ({"model": {"llama_proj.weight", ...}}) → adapter directory."""
+    _import("minigpt4", checkpoint, backbone, out)
+
+
+@import_app.command("minigpt4qwen")
+def import_minigpt4qwen(
+    checkpoint: Path,
+    backbone: Annotated[str, typer.Option(help="qwen-7b-chat.")] = "qwen-7b-chat",
+    out: Annotated[Path, typer.Option(help="Adapter directory to write.")] = Path("adapter"),
+) -> None:
+    """MiniGPT4Qwen's checkpoint (llm_proj.*, plain or DeepSpeed-engine layout) → adapter directory."""
+    _import("minigpt4qwen", checkpoint, backbone, out)
 
 
 @app.command("train")

@@ -1,0 +1,46 @@
+"""Importing MiniGPT-4 and MiniGPT4Qwen projectors: weights_only reading, shape checks, clear refusals."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.adapters.adapter_files import AdapterError, load_adapter
+from align.adapters.checkpoint_import import import_checkpoint
+from align.backbones.registry import get_backbone
+
+
+def test_minigpt4_checkpoint_becomes_an_adapter(tmp_path):
+    weight, bias = torch.randn(4096, 768), torch.randn(4096)
+    torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": bias, "Qformer.x": torch.zeros(1)}},
+               tmp_path / "prerained_minigpt4_7b.pth")
+    out = import_checkpoint("minigpt4", tmp_path / "prerained_minigpt4_7b.pth", get_backbone("vicuna-7b-v0"), tmp_path / "a")
+    config, state = load_adapter(out)
+    assert (config.backbone, config.template, config.in_features, config.out_features) == (
+        "vicuna-7b-v0", "minigpt4-vicuna0", 768, 4096)
+    assert torch.equal(state["weight"], weight) and torch.equal(state["bias"], bias)
+
+
+def test_minigpt4qwen_deepspeed_layout(tmp_path):
+    torch.save({"module": {"module.llm_proj.weight": torch.randn(4096, 768), "module.llm_proj.bias": torch.zeros(4096)}},
+               tmp_path / "mp_rank_00_model_states.pt")
+    out = import_checkpoint("minigpt4qwen", tmp_path / "mp_rank_00_model_states.pt", get_backbone("qwen-7b-chat"), tmp_path / "a")
+    assert load_adapter(out)[0].template == "chatml"
+
+
+def test_refusals(tmp_path):
+    torch.save({"model": {"llama_proj.weight": torch.randn(5120, 768), "llama_proj.bias": torch.zeros(5120)}},
+               tmp_path / "13b.pth")
+    with pytest.raises(AdapterError, match=r"\(5120, 768\) does not fit 'vicuna-7b-v0' \(hidden size 4096\)"):
+        import_checkpoint("minigpt4", tmp_path / "13b.pth", get_backbone("vicuna-7b-v0"), tmp_path / "a")
+    with pytest.raises(AdapterError, match="for vicuna-7b-v0, vicuna-13b-v0, not 'qwen-7b-chat'"):
+        import_checkpoint("minigpt4", tmp_path / "13b.pth", get_backbone("qwen-7b-chat"), tmp_path / "a")
+    import argparse  # any object that is not tensors and containers: weights_only refuses to unpickle it
+
+    torch.save({"model": {"llama_proj.weight": torch.zeros(1)}, "x": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
+    with pytest.raises(AdapterError, match="weights-only"):
+        import_checkpoint("minigpt4", tmp_path / "evil.pth", get_backbone("vicuna-7b-v0"), tmp_path / "a")
+    result = subprocess.run([sys.executable, "-m", "align", "import", "minigpt4", str(tmp_path / "none.pth"),
+                             "--backbone", "vicuna-7b-v0", "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().endswith("does not exist")
