@@ -98,12 +98,15 @@ class BatchPlan:
     def batch(self, epoch: int, step: int) -> list[Sample]:
         """The global batch `step` of `epoch`, sorted by length so micro-batches pad little."""
         rng = np.random.default_rng([self.seed, epoch, step])
+        chosen = rng.choice(self.sources, size=self.global_batch, p=self.weights)
+        # Each source is walked in its own per-epoch order, so one source visits every sample once per pass.
+        orders = {int(s): np.random.default_rng([self.seed, epoch, int(s)]).permutation(len(self.per_source[s]))
+                  for s in set(chosen.tolist())}
         picks = []
-        for source in rng.choice(self.sources, size=self.global_batch, p=self.weights):
+        for source in chosen.tolist():
             samples = self.per_source[source]
-            order = np.random.default_rng([self.seed, epoch, source]).permutation(len(samples))
             cursor = (step * self.global_batch + len(picks)) % len(samples)
-            picks.append(samples[order[cursor]])
+            picks.append(samples[orders[source][cursor]])
         return sorted(picks, key=lambda s: len(s.input_ids))
 
 
