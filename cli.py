@@ -41,6 +41,15 @@ def _print_json(data) -> None:
     print(json.dumps(data, ensure_ascii=False, indent=2))
 
 
+def _print_record(data: dict, as_json: bool) -> None:
+    """One object: as JSON, or as `key: value` lines."""
+    if as_json:
+        _print_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"align {__version__}")
@@ -87,11 +96,7 @@ def backbones_show(name: str, as_json: JsonFlag = False) -> None:
         "stop_controls": list(template.stop_controls),
         "stop_strings": list(template.stop_strings),
     }
-    if as_json:
-        _print_json(data)
-        return
-    for key, value in data.items():
-        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+    _print_record(data, as_json)
 
 
 @app.command("add-backbone")
@@ -192,12 +197,7 @@ def features_info(store: Path, as_json: JsonFlag = False) -> None:
     """Counts, shape, encoder fingerprint and size of a feature store."""
     from align.tools.feature_store import FeatureStore
 
-    info = FeatureStore.open(store).info()
-    if as_json:
-        _print_json(info)
-        return
-    for key, value in info.items():
-        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+    _print_record(FeatureStore.open(store).info(), as_json)
 
 
 @features_app.command("verify")

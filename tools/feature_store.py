@@ -122,14 +122,16 @@ class FeatureStore:
     def _load_commits(self) -> None:
         # Sorted shard names make the first writer of a duplicated key win, in every process and every run.
         for record_path in sorted((self.path / SHARDS).glob("*.json")):
-            record = json.loads(record_path.read_text())
-            shard = record_path.stem
-            for row, (key, checksum) in enumerate(zip(record["keys"], record["checksums"])):
-                self.index.setdefault(key, Location(shard, row))
-                self.checksums.setdefault(key, checksum)
-            self.physical_rows += len(record["keys"])
-            for source, key in record["sources"].items():
-                self.sources.setdefault(source, key)
+            self._apply(record_path.stem, json.loads(record_path.read_text()))
+
+    def _apply(self, shard: str, record: dict) -> None:
+        """Add one shard's commit record to the in-memory index (the first row of a key wins)."""
+        for row, (key, checksum) in enumerate(zip(record["keys"], record["checksums"])):
+            self.index.setdefault(key, Location(shard, row))
+            self.checksums.setdefault(key, checksum)
+        self.physical_rows += len(record["keys"])
+        for source, key in record["sources"].items():
+            self.sources.setdefault(source, key)
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
@@ -177,12 +179,7 @@ class FeatureStore:
             write_atomic(self.path / SHARDS / f"{shard}.f16", rows.tobytes())
         record = {"keys": keys, "checksums": [row_checksum(r) for r in rows], "sources": sources}
         write_atomic(self.path / SHARDS / f"{shard}.json", json.dumps(record).encode())
-        for row, key in enumerate(keys):
-            self.index.setdefault(key, Location(shard, row))
-            self.checksums.setdefault(key, record["checksums"][row])
-        self.physical_rows += len(keys)
-        for source, key in sources.items():
-            self.sources.setdefault(source, key)
+        self._apply(shard, record)
 
     def write_count(self) -> None:
         """Record the current number of images in meta.json."""

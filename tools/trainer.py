@@ -166,7 +166,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     per_source = build_samples(
         [d.manifest for d in stage.data], run.store, template, tokenizer, system=run.spec.system,
         max_length=stage.max_length, prompts=stage.prompts, seed=runtime.seed,
-        rejects=rejects or RejectLog(stage_dir / f".rejects.rank{run.rank}.jsonl"),
+        rejects=rejects,  # only rank 0 logs: every rank renders the same samples
     )
     if not any(per_source):
         reasons = dict(rejects.counts) if rejects else {}

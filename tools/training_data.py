@@ -48,10 +48,10 @@ def _key_of(path: Path, store: FeatureStore) -> str | None:
 
 def build_samples(
     manifests: list[Path], store: FeatureStore, template: Template, tokenizer: TextTokenizer, *,
-    system: str | None, max_length: int, prompts: list[str] | None, seed: int, rejects: RejectLog,
+    system: str | None, max_length: int, prompts: list[str] | None, seed: int, rejects: RejectLog | None,
     image_root: Path | None = None,
 ) -> list[list[Sample]]:
-    """Samples per manifest; anything that fails to render or lacks features is rejected with its reason."""
+    """Samples per manifest; anything that fails to render or lacks features is skipped (and logged to `rejects`)."""
     num_queries = store.row_shape[1]
     per_source: list[list[Sample]] = []
     for source, manifest in enumerate(manifests):
@@ -69,7 +69,8 @@ def build_samples(
                 rendered = render(template, conversation_from_record(record), tokenizer, system=system,
                                   num_query_tokens=num_queries, max_length=max_length)
             except AlignError as exc:
-                rejects.add(item.where, str(exc))
+                if rejects is not None:
+                    rejects.add(item.where, str(exc))
                 continue
             samples.append(Sample(rendered.input_ids, rendered.labels, rendered.images,
                                   [keys[i] for i in rendered.image_indices], source))
