@@ -309,6 +309,81 @@ def validate(
     console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
 
 
+AdapterArg = Annotated[Path, typer.Option("--adapter", help="Adapter directory (adapter_config.json + adapter.safetensors).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="LLM directory (default: the backbone's added model path).")]
+EncoderOpt = Annotated[Optional[Path], typer.Option(help="BLIP-2 encoder directory (align export, HF or LAVIS).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else the CPU).")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens in one reply.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 picks the likeliest token (greedy).")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with temperature > 0).")]
+Beams = Annotated[int, typer.Option(help="Beam search width (1: no beam search; replies then stream).")]
+RepetitionPenalty = Annotated[float, typer.Option(help="Above 1 discourages repeating tokens.")]
+
+
+@app.command("chat")
+def chat(
+    adapter: AdapterArg,
+    image: Annotated[Optional[Path], typer.Option(help="Image to talk about (needs --encoder).")] = None,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    features: Annotated[Optional[Path], typer.Option(help="Feature store to take the image's features from.")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Image key, or the image path as extracted, in --features.")] = None,
+    question: Annotated[Optional[list[str]], typer.Option(help="Ask this and print the answer (repeat for more turns); no prompt loop.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone name (default: the adapter's).")] = None,
+    device: DeviceOpt = None,
+    quantization: Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")] = "none",
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 0.9,
+    beams: Beams = 1,
+    repetition_penalty: RepetitionPenalty = 1.0,
+) -> None:
+    """Talk about an image with a trained adapter, in the backbone's own chat template."""
+    from align.tools.chat_repl import open_session, run_repl
+    from align.tools.generation import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
+    session = open_session(adapter, image=image, model=model, encoder=encoder, features=features, key=key,
+                           backbone=backbone, device=device, quantization=quantization)
+    if question:
+        for text in question:
+            print(session.ask(text, options), flush=True)
+    else:
+        run_repl(session, options)
+
+
+@app.command("caption")
+def caption(
+    adapter: AdapterArg,
+    manifest: Annotated[Path, typer.Option(help="Manifest (JSON Lines) of records with one image each.")],
+    out: Annotated[Path, typer.Option(help="Predictions file (JSON Lines); an existing one is continued.")],
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    prompt: Annotated[str, typer.Option(help="Question for records without their own.")] = "Describe this image.",
+    image_root: Annotated[Optional[Path], typer.Option(help="Folder relative image paths start from (default: the manifest's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images generated together (left-padded).")] = 8,
+    device: DeviceOpt = None,
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 0.9,
+    beams: Beams = 1,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Caption (or answer the first question of) every record of a manifest; bad records are skipped with a reason."""
+    from align.tools.caption import caption_manifest
+    from align.tools.generation import GenerationOptions
+    from align.tools.pipeline import Pipeline
+
+    if encoder is None:
+        raise AlignError("--encoder PATH is needed: captions are generated from the images themselves")
+    options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
+    pipeline = Pipeline.load(adapter, model=model, encoder=encoder, device=device)
+    summary = caption_manifest(pipeline, manifest, out, prompt=prompt, options=options, batch_size=batch_size,
+                               image_root=image_root, progress=not as_json)
+    _print_record(summary.as_dict(), as_json)
+
+
 @app.command("templates")
 def templates() -> None:
     """List the chat templates."""

@@ -77,6 +77,10 @@ class Encoder:
         )
         return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
+    def made(self, fingerprint: str) -> bool:
+        """True when features with this fingerprint came from these weights and preprocessing, in any dtype."""
+        return any(self.fingerprint(dtype) == fingerprint for dtype in DTYPES)
+
     def to(self, device: torch.device, dtype: str) -> "Encoder":
         """Move to a device in a compute dtype, frozen and in eval mode."""
         self.module.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)

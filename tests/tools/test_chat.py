@@ -1,0 +1,224 @@
+"""Chat and generation: the Python pipeline, the REPL, `align chat` and `align caption` on a tiny LLaMA."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.adapters.adapter_files import AdapterConfig, AdapterError, save_adapter
+from align.adapters.projector import build_projector
+from align.errors import AlignError
+from align.tools.caption import caption_manifest, rejects_path
+from align.tools.chat_repl import open_session, run_repl
+from align.tools.feature_store import FeatureStore
+from align.tools.generation import GenerationOptions, Stops
+from align.tools.pipeline import Pipeline
+
+GREEDY = GenerationOptions(max_new_tokens=6)
+LAUNCHER = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+@pytest.fixture
+def home(train_workspace, monkeypatch):
+    monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
+    return train_workspace
+
+
+@pytest.fixture(scope="module")
+def adapter(train_workspace, tmp_path_factory):
+    """A random linear projector bound to tiny-llama and to the workspace's encoder."""
+    store = FeatureStore.open(train_workspace["features"])
+    torch.manual_seed(1)
+    projector = build_projector("linear", 24, 32)
+    config = AdapterConfig(projector="linear", in_features=24, out_features=32, backbone="tiny-llama", hidden_size=32,
+                           vocab_size=640, template="vicuna-v1.1", num_query_tokens=4,
+                           encoder_fingerprint=store.meta["encoder_fingerprint"], stage="chat", step=1)
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", config, projector.state_dict())
+
+
+@pytest.fixture
+def pipeline(home, adapter, tiny_blip2):
+    return Pipeline.load(adapter, encoder=tiny_blip2[1], device="cpu")
+
+
+def image(workspace, i):
+    return workspace["manifest"].parent / f"{i}.png"
+
+
+def manual_greedy(pipeline, prompt, features, steps):
+    """Greedy decoding by hand through VisionLLM.forward: what generate() must reproduce."""
+    ids, mask = list(prompt.input_ids), [False] * len(prompt.input_ids)
+    for start, length in prompt.images:
+        mask[start:start + length] = [True] * length
+    out = []
+    for _ in range(steps):
+        logits = pipeline.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                torch.tensor([mask]), features).logits
+        token = int(logits[0, -1, :pipeline.tokenizer.vocab_size].argmax())  # ids past the tokenizer never come
+        if token in pipeline.stops.ids:
+            break
+        out.append(token)
+        ids, mask = ids + [token], mask + [False]
+    return pipeline.tokenizer.decode(out).strip()
+
+
+def test_generation_reads_the_image_through_the_projector(pipeline, home):
+    features = pipeline.image_features([image(home, 0)])
+    prompt = pipeline.prompt([("What is in this picture?", None)], with_image=True)
+    reply = pipeline.generate(image(home, 0), "What is in this picture?", GREEDY)
+    assert reply == manual_greedy(pipeline, prompt, features, 6)
+    assert len(prompt.images) == 1 and prompt.images[0][1] == 4
+    other = manual_greedy(pipeline, prompt, pipeline.image_features([image(home, 1)]) * 40, 6)
+    assert other != reply  # the image slots steer the answer
+
+
+def test_left_padded_batch_equals_one_by_one(pipeline, home):
+    questions = ["Describe this image.", "What colour is the picture in front of you, please?", "Hi"]
+    features = pipeline.image_features([image(home, i) for i in range(3)])
+    prompts = [pipeline.prompt([(q, None)], with_image=True) for q in questions]
+    assert len({len(p.input_ids) for p in prompts}) == 3
+    batched = pipeline.generate_batch(prompts, features, GREEDY)
+    alone = [pipeline.generate_batch([p], features[i:i + 1], GREEDY)[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+
+
+def test_streamed_pieces_join_to_the_reply(pipeline, home):
+    pieces = []
+    reply = pipeline.generate(image(home, 2), "Describe this image.", GenerationOptions(max_new_tokens=10),
+                              on_text=pieces.append)
+    assert "".join(pieces) == reply and len(pieces) > 1
+    with pytest.raises(AlignError, match="streaming needs one prompt and no beam search"):
+        pipeline.generate(image(home, 2), "Hi", GenerationOptions(num_beams=2), on_text=pieces.append)
+
+
+def test_sampling_and_beam_options_run_and_bad_options_are_refused(pipeline, home):
+    sampled = pipeline.generate(image(home, 0), "Hi", GenerationOptions(max_new_tokens=5, temperature=0.8, top_p=0.9,
+                                                                      repetition_penalty=1.3))
+    beams = pipeline.generate(image(home, 0), "Hi", GenerationOptions(max_new_tokens=5, num_beams=3))
+    assert isinstance(sampled, str) and isinstance(beams, str)
+    with pytest.raises(AlignError, match="top-p must be in"):
+        GenerationOptions(top_p=0)
+    with pytest.raises(AlignError, match="temperature must be 0"):
+        GenerationOptions(temperature=-1)
+
+
+def test_stop_strings_end_replies_and_are_never_shown():
+    stops = Stops(ids=(2,), strings=("###",))
+    assert stops.cut("a red square###Human: hi") == "a red square"
+    assert stops.held_back("a red square#") == 1 and stops.held_back("a red square##") == 2
+    assert stops.held_back("a red square") == 0
+
+
+def test_chat_session_keeps_history_and_a_new_image_starts_over(pipeline, home):
+    session = pipeline.chat(image(home, 0))
+    first = session.ask("Describe this image.", GREEDY)
+    session.ask("And the colour?", GREEDY)
+    assert [q for q, _ in session.turns] == ["Describe this image.", "And the colour?"]
+    prompt = pipeline.prompt([*session.turns, ("More?", None)], with_image=True)
+    assert first in prompt.text and prompt.text.count("<ImageHere>") == 1
+    session.clear()
+    assert session.turns == [] and session.features is not None
+    session.ask("Describe this image.", GREEDY)
+    session.set_image(image(home, 1))
+    assert session.turns == []
+
+
+def test_old_exchanges_are_dropped_when_the_prompt_would_not_fit(pipeline):
+    turns = [("Describe this image. " * 10, "A cat sitting on a sofa. " * 10)] * 6 + [("What now?", None)]
+    prompt = pipeline.prompt(turns, with_image=True, room=64)
+    assert len(prompt.input_ids) + 64 <= pipeline.max_positions
+    assert prompt.text.count("<ImageHere>") == 1 and "What now?" in prompt.text
+
+
+def test_stored_features_equal_the_encoder_run(pipeline, home):
+    path = image(home, 3)
+    stored = pipeline.stored_features(home["features"], str(path))
+    assert torch.equal(stored, pipeline.image_features([path]))
+    assert pipeline.generate(path, "Hi", GREEDY) == pipeline.chat(features=stored).ask("Hi", GREEDY)
+
+
+def test_clear_errors(home, adapter, tiny_blip2, tmp_path):
+    with pytest.raises(AdapterError, match="is not an adapter"):
+        Pipeline.load(tmp_path / "nowhere", encoder=tiny_blip2[1])
+    with pytest.raises(AdapterError, match="made for backbone 'tiny-llama', not 'tiny-qwen2'"):
+        Pipeline.load(adapter, backbone="tiny-qwen2")
+    from blip2_tiny import build_tiny_blip2, save_hf
+
+    other = save_hf(build_tiny_blip2(seed=5), tmp_path / "other-encoder")
+    with pytest.raises(AdapterError, match="was trained on features of encoder"):
+        Pipeline.load(adapter, encoder=other)
+    pipeline = Pipeline.load(adapter, encoder=tiny_blip2[1])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(AlignError, match="cannot read image .*broken.png"):
+        pipeline.generate(tmp_path / "broken.png", "Hi")
+    with pytest.raises(AlignError, match="cannot read image .*absent.png"):
+        pipeline.generate(tmp_path / "absent.png", "Hi")
+    with pytest.raises(AlignError, match="needs --encoder"):
+        open_session(adapter, image=image(home, 0))
+
+
+def test_repl_commands(pipeline, home, tmp_path):
+    lines = iter([":help", "Describe this image.", ":history", ":image " + str(tmp_path / "absent.png"),
+                  ":clear", ":history", ":image " + str(image(home, 1)), ":frobnicate", "Hi", ":quit", "never read"])
+    out = io.StringIO()
+    session = pipeline.chat(image(home, 0))
+    run_repl(session, GREEDY, read=lambda prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert ":image PATH" in text and "you> Describe this image.\nbot> " in text
+    assert "error: cannot read image" in text and "unknown command :frobnicate" in text
+    assert "(conversation cleared; same image)" in text and "(new conversation about" in text
+    assert [q for q, _ in session.turns] == ["Hi"]
+    assert next(lines) == "never read"
+
+
+def _align(*args, env_home):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER} | {"ALIGN_HOME": str(env_home)}
+    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_chat_command_answers_questions_on_stdout(home, adapter, tiny_blip2, pipeline):
+    result = _align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
+                    "--question", "Describe this image.", "--question", "And the colour?", "--max-new-tokens", 6,
+                    env_home=home["home"])
+    assert result.returncode == 0, result.stderr
+    session = pipeline.chat(image(home, 0))
+    expected = [session.ask("Describe this image.", GREEDY), session.ask("And the colour?", GREEDY)]
+    assert result.stdout.splitlines() == expected
+    missing = _align("chat", "--adapter", adapter.parent / "missing", "--question", "Hi", env_home=home["home"])
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+    bad = _align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
+                 "--question", "Hi", "--top-p", 2, env_home=home["home"])
+    assert bad.returncode == 2 and "top-p must be in" in bad.stderr
+
+
+def test_caption_manifest_skips_bad_records_and_resumes(pipeline, home, tmp_path):
+    data = home["manifest"].parent
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records = [{"image": str(data / "0.png"), "caption": "a red picture"},
+               {"image": str(data / "1.png"), "conversations": [
+                   {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "green"}]},
+               {"image": str(tmp_path / "broken.png"), "caption": "x"},
+               {"caption": "no image"},
+               {"image": str(data / "2.png"), "caption": "a blue picture"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
+    out = tmp_path / "preds.jsonl"
+    summary = caption_manifest(pipeline, manifest, out, options=GREEDY, batch_size=2, progress=False)
+    assert (summary.captioned, summary.rejected) == (3, 3)
+    predictions = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["line"] for p in predictions] == [1, 2, 5]
+    assert predictions[1]["question"] == "What colour is it?" and predictions[1]["reference"] == "green"
+    assert predictions[0]["prediction"] == pipeline.generate(data / "0.png", "Describe this image.", GREEDY)
+    reasons = [json.loads(line)["reason"] for line in rejects_path(out).read_text().splitlines()]
+    assert any("cannot read image" in r for r in reasons) and any("exactly one image" in r for r in reasons)
+    assert any("malformed manifest line" in r for r in reasons)
+
+    out.write_text(out.read_text().splitlines()[0] + "\n" + '{"line": 2, "ima')  # a write cut by a kill
+    again = caption_manifest(pipeline, manifest, out, options=GREEDY, batch_size=2, progress=False)
+    assert (again.already_done, again.captioned) == (1, 2)
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 5]

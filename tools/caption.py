@@ -1,0 +1,125 @@
+"""`align caption`: batched generation over a manifest into a predictions file that resumes where it stopped."""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from align.errors import AlignError
+from align.templates.conversation import IMAGE_MARKER
+from align.tools.generation import GenerationOptions
+from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
+from align.tools.pipeline import Pipeline, read_image
+from align.tools.rejects import RejectLog
+
+DEFAULT_PROMPT = "Describe this image."
+
+
+@dataclass
+class CaptionSummary:
+    """What one `align caption` run did."""
+
+    out: str
+    captioned: int = 0
+    already_done: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+def rejects_path(out: Path) -> Path:
+    """Where the records skipped for `out` are listed."""
+    return out.with_name(out.name + ".rejects.jsonl")
+
+
+def question_of(record: dict, default_prompt: str) -> tuple[str, str | None]:
+    """(question, reference): a conversation's first question and answer, or the prompt and a caption."""
+    turns = record.get("conversations", record.get("messages"))
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        question = str(turns[0].get("value", turns[0].get("content", ""))).replace(IMAGE_MARKER, "").strip()
+        answer = turns[1].get("value", turns[1].get("content")) if len(turns) > 1 and isinstance(turns[1], dict) else None
+        if not question:
+            raise AlignError("the record's first turn has no question")
+        return question, answer
+    caption = record.get("caption")
+    return default_prompt, caption if isinstance(caption, str) else None
+
+
+def _finished_lines(out: Path) -> set[int]:
+    """Manifest lines already predicted; a line cut short by an interruption is dropped from the file."""
+    if not out.is_file():
+        return set()
+    kept, done = [], set()
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            done.add(int(record["line"]))
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    return done
+
+
+def caption_manifest(
+    pipeline: Pipeline, manifest: Path, out: Path, *, prompt: str = DEFAULT_PROMPT,
+    options: GenerationOptions | None = None, batch_size: int = 8, image_root: Path | None = None, progress: bool = True,
+) -> CaptionSummary:
+    """Answer every record of a manifest (its own first question, else `prompt`) about its one image."""
+    started = time.perf_counter()
+    options = options or GenerationOptions(max_new_tokens=64)
+    if batch_size < 1:
+        raise AlignError(f"batch size must be at least 1, not {batch_size}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _finished_lines(out)
+    summary = CaptionSummary(out=str(out))
+    rejects = RejectLog(rejects_path(out))
+    pending: list[ManifestRecord] = []
+    for item in read_manifest(Path(manifest), rejects):
+        if item.line in done:
+            summary.already_done += 1
+        elif len(image_refs(item.record)) != 1:
+            rejects.add(item.where, "a record to caption needs exactly one image")
+        else:
+            pending.append(item)
+
+    columns = [TextColumn("[bold]caption[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with out.open("a", encoding="utf-8") as predictions, Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("caption", total=len(pending))
+        for i in range(0, len(pending), batch_size):
+            batch = []
+            for item in pending[i:i + batch_size]:
+                ref = image_refs(item.record)[0]
+                try:
+                    question, reference = question_of(item.record, prompt)
+                    image = read_image(resolve_image(ref, item.manifest, image_root))
+                except AlignError as exc:
+                    rejects.add(item.where, str(exc))
+                    continue
+                batch.append((item, ref, question, reference, image))
+            if batch:
+                features = pipeline.image_features([b[4] for b in batch])
+                prompts = [pipeline.prompt([(b[2], None)], True, options.max_new_tokens) for b in batch]
+                replies = pipeline.generate_batch(prompts, features, options)
+                for (item, ref, question, reference, _), reply in zip(batch, replies):
+                    record = {"line": item.line, "image": ref, "question": question, "prediction": reply}
+                    if reference is not None:
+                        record["reference"] = reference
+                    predictions.write(json.dumps(record, ensure_ascii=False) + "\n")
+                predictions.flush()  # a finished batch survives an interruption
+                summary.captioned += len(batch)
+            bar.update(task, advance=len(pending[i:i + batch_size]))
+    rejects.close()
+    summary.rejected = rejects.total
+    summary.reject_reasons = dict(rejects.counts)
+    summary.seconds = round(time.perf_counter() - started, 2)
+    summary.images_per_second = round(summary.captioned / summary.seconds, 2) if summary.seconds else 0.0
+    return summary

@@ -1,0 +1,156 @@
+"""Generation from rendered prompts: left-padded batches, the template's stop ids and stop strings, token streaming."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from align.adapters.vision_llm import VisionLLM
+from align.errors import AlignError
+from align.templates import Rendered
+from align.templates.text_tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to pick tokens; temperature 0 is greedy (beam search when num_beams > 1)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max new tokens must be at least 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be 0 (greedy) or more, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.num_beams < 1:
+            problems.append(f"beams must be at least 1, not {self.num_beams}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition penalty must be positive, not {self.repetition_penalty}")
+        if problems:
+            raise AlignError("; ".join(problems))
+
+    def config(self, stop_ids: list[int], pad_id: int, unused_ids: list[int]) -> GenerationConfig:
+        """The transformers GenerationConfig for these options; `unused_ids` are never generated."""
+        sampling = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=sampling, num_beams=self.num_beams,
+            temperature=self.temperature if sampling else None, top_p=self.top_p if sampling else None,
+            top_k=None, repetition_penalty=self.repetition_penalty, eos_token_id=stop_ids, pad_token_id=pad_id,
+            suppress_tokens=unused_ids or None,
+        )
+
+
+@dataclass(frozen=True)
+class Stops:
+    """What ends a reply: any of the template's stop ids, or text containing one of its stop strings."""
+
+    ids: tuple[int, ...]
+    strings: tuple[str, ...]
+
+    def cut(self, text: str) -> str:
+        """The text before the first stop string."""
+        for stop in self.strings:
+            text = text.split(stop, 1)[0]
+        return text
+
+    def held_back(self, text: str) -> int:
+        """How many trailing characters might be the start of a stop string (not safe to show yet)."""
+        return max((k for stop in self.strings for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Ends each sequence whose new text contains a stop string (stop ids are handled by eos_token_id)."""
+
+    def __init__(self, tokenizer: TextTokenizer, stops: Stops, prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = [any(s in self.tokenizer.decode(row[self.prompt_length:].tolist()) for s in self.stops.strings)
+                for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _TextStream(BaseStreamer):
+    """Hands `on_text` each new piece of reply text as tokens arrive, holding back what may be a stop string
+    or half of a multi-byte character."""
+
+    def __init__(self, tokenizer: TextTokenizer, stops: Stops, on_text: Callable[[str], None]):
+        self.tokenizer, self.stops, self.on_text = tokenizer, stops, on_text
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.ids += [i for i in value.reshape(-1).tolist() if i not in self.stops.ids]
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def _show(self, final: bool) -> None:
+        if self.stopped:
+            return
+        text = self.tokenizer.decode(self.ids)
+        cut = self.stops.cut(text)
+        self.stopped = cut != text
+        if not (final or self.stopped):
+            cut = cut[:len(cut) - self.stops.held_back(cut)]
+            if cut.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+                cut = cut[:-1]
+        if final or self.stopped:
+            cut = cut.rstrip()
+        if len(cut) > self.shown:
+            self.on_text(cut[self.shown:])
+            self.shown = len(cut)
+
+
+@torch.inference_mode()
+def generate(
+    model: VisionLLM, tokenizer: TextTokenizer, prompts: list[Rendered], features: torch.Tensor, stops: Stops,
+    options: GenerationOptions, on_text: Callable[[str], None] | None = None,
+) -> list[str]:
+    """One reply per prompt; prompts are left-padded into one batch; `features` fill the image slots in order."""
+    if on_text is not None and (len(prompts) != 1 or options.num_beams > 1):
+        raise AlignError("streaming needs one prompt and no beam search (use --beams 1)")
+    device = model.llm.get_input_embeddings().weight.device
+    longest = max(len(p.input_ids) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), longest), dtype=torch.long)
+    image_mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        shift = longest - len(prompt.input_ids)  # left padding: every prompt ends where generation starts
+        input_ids[b, shift:] = torch.tensor(prompt.input_ids)
+        attention[b, shift:] = 1
+        for start, length in prompt.images:
+            image_mask[b, shift + start:shift + start + length] = True
+    input_ids, attention, image_mask = input_ids.to(device), attention.to(device), image_mask.to(device)
+    embeds = model.embed(input_ids, image_mask, features.to(device))
+    criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stops, longest)] if stops.strings else [])
+    streamer = _TextStream(tokenizer, stops, on_text) if on_text is not None else None
+    # LLMs often have more embedding rows than the tokenizer has ids (padded for speed); those rows are never picked.
+    rows = model.llm.get_output_embeddings().weight.shape[0]
+    unused = list(range(tokenizer.vocab_size, rows))
+    # input_ids go along with the embeddings so the repetition penalty also sees the prompt.
+    out = model.llm.generate(
+        input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention,
+        generation_config=options.config(list(stops.ids), tokenizer.pad_id, unused),
+        stopping_criteria=criteria, streamer=streamer,
+    )
+    replies = []
+    for row in out[:, longest:].tolist():
+        ends = [i for i, token in enumerate(row) if token in stops.ids]
+        replies.append(stops.cut(tokenizer.decode(row[:ends[0]] if ends else row)).strip())
+    return replies

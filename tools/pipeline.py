@@ -1,0 +1,166 @@
+"""The inference pipeline: an adapter directory loaded with its backbone, frozen LLM and frozen encoder.
+
+```python
+from align.tools.pipeline import Pipeline
+pipe = Pipeline.load("runs/x/chat/adapter", encoder="blip2-encoder")
+print(pipe.generate("cat.jpg", "What is in this image?"))
+chat = pipe.chat("cat.jpg"); chat.ask("What colour is it?"); chat.ask("And its paws?")
+```
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter
+from align.adapters.projector import build_projector
+from align.adapters.vision_llm import VisionLLM
+from align.backbones.llm import load_frozen_llm
+from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.errors import AlignError
+from align.templates import Conversation, ImageItem, Message, Rendered, get_template, render, stop_ids
+from align.templates.conversation import ASSISTANT, USER
+from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
+from align.tools.extract import encode
+from align.tools.feature_store import FeatureStore
+from align.tools.generation import GenerationOptions, Stops, generate
+from align.tools.image_processing import BadImage, decode_image, eval_view
+
+ImageInput = Image.Image | str | Path
+Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def read_image(image: ImageInput) -> Image.Image:
+    """An RGB image from a path (checked as training inputs are, other colour modes converted) or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AlignError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    try:
+        return decode_image(data, convert_modes=True)
+    except BadImage as exc:
+        raise AlignError(f"cannot read image {path}: {exc}") from None
+
+
+class Pipeline:
+    """A trained projector between a frozen encoder and a frozen LLM, in the backbone's own chat template."""
+
+    def __init__(self, adapter: AdapterConfig, model: VisionLLM, tokenizer, encoder: Encoder | None, spec, device):
+        self.adapter, self.model, self.tokenizer, self.encoder, self.spec = adapter, model, tokenizer, encoder, spec
+        self.device = device
+        self.template = get_template(spec.template)
+        self.stops = Stops(tuple(stop_ids(self.template, tokenizer)), self.template.stop_strings)
+        self.max_positions = getattr(model.llm.config, "max_position_embeddings", None)
+
+    @classmethod
+    def load(
+        cls, adapter: Path | str, *, model: Path | str | None = None, encoder: Path | str | None = None,
+        backbone: str | None = None, device: torch.device | str | None = None, dtype: str | None = None,
+        quantization: str = "none", trust_remote_code: bool = False,
+    ) -> "Pipeline":
+        """Load an adapter directory, its backbone's LLM (`model`, else the registered path) and the encoder."""
+        config, state = load_adapter(Path(adapter))
+        spec = get_backbone(backbone or config.backbone)
+        config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
+                          template=config.template, where=str(adapter))
+        device = torch.device(device) if device is not None else default_device()
+        tokenizer = backbone_tokenizer(spec, Path(model) if model else None)
+        llm = load_frozen_llm(spec, Path(model) if model else None, dtype=dtype or ("fp32" if device.type == "cpu" else spec.dtype),
+                              quantization=quantization, trust_remote_code=trust_remote_code, device=device)
+        projector = build_projector(config.projector, config.in_features, config.out_features)
+        try:
+            projector.load_state_dict(state)
+        except RuntimeError as exc:
+            raise AdapterError(f"{adapter}: the weights do not match its {config.projector} projector config: {exc}") from None
+        vision_llm = VisionLLM(llm, projector.to(device)).eval()
+        loaded = load_encoder(encoder).to(device, default_compute_dtype(device)) if encoder is not None else None
+        if loaded is not None:
+            _check_encoder(config, loaded, str(adapter))
+        return cls(config, vision_llm, tokenizer, loaded, spec, device)
+
+    # -- features -----------------------------------------------------------------------------------------------------
+
+    def image_features(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """[N, queries, width] features of images, through the frozen encoder (rounded to fp16, as stored)."""
+        if self.encoder is None:
+            raise AlignError("this pipeline has no encoder: load it with an encoder path (--encoder), or use stored features")
+        pixels = np.stack([eval_view(read_image(image), self.encoder.preprocessing)[None] for image in images])
+        return torch.from_numpy(encode(self.encoder, pixels, self.device, batch_size=len(images))[:, 0])
+
+    def stored_features(self, store: Path | str, key: str) -> torch.Tensor:
+        """[1, queries, width] features of one image from a feature store (by image key or by extracted path)."""
+        opened = FeatureStore.open(store)
+        theirs, ours = opened.meta["encoder_fingerprint"], self.adapter.encoder_fingerprint
+        if ours is not None and theirs != ours:
+            raise AdapterError(f"store {store} holds features of encoder {theirs}; the adapter was trained on {ours}")
+        if tuple(opened.row_shape[1:]) != (self.adapter.num_query_tokens, self.adapter.in_features):
+            raise AdapterError(f"store {store} rows are {list(opened.row_shape[1:])}; the adapter takes "
+                               f"[{self.adapter.num_query_tokens}, {self.adapter.in_features}]")
+        resolved = opened.key_for_source(str(Path(key).expanduser().resolve())) or key
+        return torch.from_numpy(np.asarray(opened.get(resolved)[0], dtype=np.float32))[None]
+
+    # -- prompts and generation ---------------------------------------------------------------------------------------
+
+    def prompt(self, turns: Sequence[Turn], with_image: bool, room: int = 0) -> Rendered:
+        """The generation prompt for a conversation whose last question is unanswered; the image goes in the first
+        kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM."""
+        turns = list(turns)
+        while True:
+            messages = []
+            for i, (question, reply) in enumerate(turns):
+                # As training prompts put it: "<image> question".
+                content = (ImageItem(0), " " + question) if with_image and i == 0 else (question,)
+                messages.append(Message(USER, content))
+                if reply is not None:
+                    messages.append(Message(ASSISTANT, (reply,), supervised=True))
+            conversation = Conversation(tuple(messages), None, ("image",) if with_image else ())
+            rendered = render(self.template, conversation, self.tokenizer, system=self.spec.system,
+                              num_query_tokens=self.adapter.num_query_tokens)
+            if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions or len(turns) == 1:
+                return rendered
+            turns = turns[1:]
+
+    def generate_batch(self, prompts: list[Rendered], features: torch.Tensor, options: GenerationOptions,
+                       on_text: Callable[[str], None] | None = None) -> list[str]:
+        """Replies to rendered prompts (left-padded into one batch); `features` fill their image slots in order."""
+        return generate(self.model, self.tokenizer, prompts, features, self.stops, options, on_text)
+
+    def generate(self, image: ImageInput | None, question: str, options: GenerationOptions | None = None,
+                 on_text: Callable[[str], None] | None = None) -> str:
+        """One answer to one question about one image (or none)."""
+        features = self.image_features([image]) if image is not None else torch.zeros(0)
+        options = options or GenerationOptions()
+        prompt = self.prompt([(question, None)], image is not None, options.max_new_tokens)
+        return self.generate_batch([prompt], features, options, on_text)[0]
+
+    def chat(self, image: ImageInput | None = None, features: torch.Tensor | None = None) -> "ChatSession":
+        """A multi-turn conversation about an image (or about stored `features`)."""
+        from align.tools.chat_session import ChatSession
+
+        session = ChatSession(self)
+        if image is not None:
+            session.set_image(image)
+        elif features is not None:
+            session.set_features(features)
+        return session
+
+
+def _check_encoder(config: AdapterConfig, encoder: Encoder, where: str) -> None:
+    """Refuse an encoder whose features the adapter was not trained on."""
+    if encoder.row_shape != (config.num_query_tokens, config.in_features):
+        raise AdapterError(f"encoder {encoder.source} makes [{encoder.row_shape[0]}, {encoder.row_shape[1]}] features; "
+                           f"adapter {where} takes [{config.num_query_tokens}, {config.in_features}]")
+    if config.encoder_fingerprint is not None and not encoder.made(config.encoder_fingerprint):
+        raise AdapterError(f"adapter {where} was trained on features of encoder {config.encoder_fingerprint}, "
+                           f"not of {encoder.source}")
