@@ -384,6 +384,36 @@ def caption(
     _print_record(summary.as_dict(), as_json)
 
 
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Workspace folder (a previous demo's is cleared).")] = Path("align-demo"),
+    seed: Annotated[int, typer.Option(help="Seed for pictures, models and training.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """The whole pipeline on tiny built-in models: pictures, encoder, LLM, features, two-stage training, chat."""
+    from align.tools.demo import REQUIRED_GAIN, run_demo
+
+    say = (lambda line: None) if as_json else (lambda line: console.print(escape(line), highlight=False))
+    result = run_demo(out, seed, say=say, quiet=as_json)
+    if as_json:
+        print(json.dumps(result.as_json()))
+    else:
+        table = Table("projector", "right colour and shape", title=f"{result.held_out} held-out pictures")
+        for name, accuracy in result.accuracy.items():
+            table.add_row(name, f"{accuracy:.0%}")
+        console.print(table)
+        for example in result.examples:
+            console.print(f"  {example['projector']:<9} {example['image']} ({example['truth']}): "
+                          f"{escape(example['answer'])!r}", highlight=False)
+        console.print(f"done in {result.seconds:.0f} s; workspace {escape(result.workspace)}", highlight=False)
+        for what, command in result.commands.items():
+            console.print(f"{what}: {escape(command)}", highlight=False)
+    if not result.passed:
+        print(f"error: the trained projector does not beat the untrained one by {REQUIRED_GAIN:.0%} "
+              f"({result.accuracy})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
 @app.command("templates")
 def templates() -> None:
     """List the chat templates."""

@@ -71,11 +71,13 @@ def render(
 ) -> Rendered:
     """Render a conversation; too long drops whole turns from the end; nothing supervised is an error.
 
-    `system` is the backbone's default; the conversation's own system text wins, then the template's default.
+    `system` is the backbone's default (ignored by templates without a system role); the conversation's own system
+    text wins, then the template's default.
     """
     if conversation.system is not None:
         system = conversation.system
-    elif system is None:
+    elif system is None or not template.supports_system:
+        # A backbone's default system text is for its chat template, not for a system-less one such as caption.
         system = template.default_system
     template.check_system(system)
     controls = resolve_controls(template, tokenizer)

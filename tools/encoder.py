@@ -102,7 +102,8 @@ def default_compute_dtype(device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def _build(config: Blip2Config, state_dict: dict[str, torch.Tensor], source: str, pre: Preprocessing) -> Encoder:
+def build_encoder(config: Blip2Config, state_dict: dict[str, torch.Tensor], source: str, pre: Preprocessing) -> Encoder:
+    """An Encoder from a config and its full set of weights (every tensor must fit)."""
     module = BlipEncoder(config)
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -148,7 +149,7 @@ def load_hf(path: Path) -> Encoder:
     """The encoder part of a Hugging Face BLIP-2 checkpoint directory."""
     config = Blip2Config.from_pretrained(str(path))
     tensors = _read_safetensors(_hf_weight_files(path))
-    return _build(config, tensors, str(path), Preprocessing(image_size=config.vision_config.image_size))
+    return build_encoder(config, tensors, str(path), Preprocessing(image_size=config.vision_config.image_size))
 
 
 # -- LAVIS layout ----------------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def load_lavis(path: Path) -> Encoder:
     config = Blip2Config.from_pretrained(str(path)) if (path / "config.json").is_file() else Blip2Config()
     vision = _torch_load(path / LAVIS_VISION_FILE)
     tensors = lavis_to_hf(vision, _torch_load(qformer_files[0]), config.vision_config.num_hidden_layers)
-    return _build(config, tensors, str(path), Preprocessing(image_size=config.vision_config.image_size))
+    return build_encoder(config, tensors, str(path), Preprocessing(image_size=config.vision_config.image_size))
 
 
 # -- align's own layout ----------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def load_export(path: Path) -> Encoder:
     with safe_open(str(path / ENCODER_WEIGHTS), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
-    encoder = _build(config, tensors, meta.get("source", str(path)), pre)
+    encoder = build_encoder(config, tensors, meta.get("source", str(path)), pre)
     if encoder.weights_digest != meta["weights_digest"]:
         raise EncoderError(f"{path / ENCODER_WEIGHTS} does not match the digest in {ENCODER_CONFIG}: re-export it")
     return encoder
@@ -276,6 +277,12 @@ def load_encoder(path: Path | str) -> Encoder:
 def export_encoder(source: Path | str, out: Path | str) -> Encoder:
     """Write the encoder of any layout as a compact align encoder directory (config + one safetensors file)."""
     encoder = load_encoder(source)
+    save_encoder(encoder, out)
+    return encoder
+
+
+def save_encoder(encoder: Encoder, out: Path | str) -> Path:
+    """Write an encoder in align's own layout, which `load_encoder` reads back exactly."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.contiguous() for name, tensor in encoder.module.state_dict().items()}
@@ -292,7 +299,7 @@ def export_encoder(source: Path | str, out: Path | str) -> Encoder:
         "weights_digest": encoder.weights_digest,
     }
     (out / ENCODER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return encoder
+    return out
 
 
 def _plain(config: Blip2VisionConfig | Blip2QFormerConfig) -> dict:

@@ -15,7 +15,7 @@ from conftest import LLAMA_MODEL, QWEN_TIKTOKEN, write_config
 
 PRESETS = [
     "vicuna-7b-v0", "vicuna-13b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat", "llama-2-13b-chat", "qwen-7b-chat",
-    "qwen-14b-chat", "qwen2.5-7b-instruct", "baichuan-13b-chat", "baichuan2-7b-chat", "baichuan2-13b-chat",
+    "qwen-14b-chat", "qwen2.5-7b-instruct", "baichuan-13b-chat", "baichuan2-7b-chat", "baichuan2-13b-chat", "demo-tiny",
 ]
 
 

@@ -85,6 +85,15 @@ def test_caption_refuses_text_prompts(sp):
         render(get_template("caption"), conversation_from_record(record("<image> describe", "x", image="a")), sp)
 
 
+def test_backbone_system_text_does_not_reach_a_system_less_template(sp):
+    # A stage-1 caption stage on a backbone with a default system text (Qwen-Chat) must still render.
+    caption = conversation_from_record({"image": "a", "caption": "x"})
+    with_default = render(get_template("caption"), caption, sp, system="You are a helpful assistant.")
+    assert with_default.input_ids == render(get_template("caption"), caption, sp).input_ids
+    with pytest.raises(TemplateError, match="no system role"):
+        render(get_template("caption"), conversation_from_record({"image": "a", "caption": "x", "system": "S"}), sp)
+
+
 def test_truncation_drops_whole_exchanges_from_the_end(qwen):
     template = get_template("chatml")
     turns = ["<image> hello", "cat", "hello hello hello", "cat cat cat cat", "hello", "cat"]

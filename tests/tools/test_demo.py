@@ -1,0 +1,60 @@
+"""`align demo`: the whole pipeline on tiny built-in models beats its untrained projector, and reports it as promised."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.tools.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
+from align.tools.demo_world import Content, names_correctly
+
+LAUNCHER = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER} | {"ALIGN_HOME": str(tmp_path / "home")}
+    out = tmp_path / "ws"
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), "--json"], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # stdout is the one JSON object and nothing else
+    assert set(report) == {"held_out", "accuracy", "seconds", "workspace"}
+    assert set(report["accuracy"]) == {"untrained", "stage1", "stage2"} and report["held_out"] == 48
+    accuracy = report["accuracy"]
+    assert accuracy["stage2"] >= accuracy["untrained"] + REQUIRED_GAIN and accuracy["stage2"] >= 0.6
+    assert report["workspace"] == str(out.resolve())
+    # The pipeline a user runs: a recipe that says how to run it, a store, one adapter per stage.
+    assert (out / "recipe.yaml").read_text().startswith(f"# align train {out.resolve() / 'recipe.yaml'}")
+    assert json.loads((out / "features" / "meta.json").read_text())["count"] == 480
+    for stage in ("caption", "chat"):
+        assert (out / "runs" / stage / "adapter" / "adapter.safetensors").is_file()
+    assert not (tmp_path / "home").exists()  # nothing registered outside the workspace
+
+
+def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not delete")
+    with pytest.raises(DemoError, match="not empty and not a demo workspace"):
+        prepare_workspace(mine)
+    assert (mine / "thesis.tex").is_file()
+    old = prepare_workspace(tmp_path / "old")
+    (old / "runs").mkdir()
+    assert prepare_workspace(tmp_path / "old") == old and not (old / "runs").exists() and (old / MARKER).is_file()
+
+
+def test_demo_refuses_a_foreign_folder_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(tmp_path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("answer, right", [
+    ("It is a red circle.", True), ("A red circle on a light background.", True), ("It is red.", False),
+    ("It is a blue circle.", False), ("a red circle or a red square", False), ("Redcircle", False),
+])
+def test_an_answer_is_right_when_it_names_the_colour_and_shape_and_nothing_else(answer, right):
+    assert names_correctly(answer, Content("red", "circle")) is right

@@ -1,0 +1,228 @@
+"""`align demo`: the whole pipeline on built-in tiny models, on a CPU, in minutes, with nothing downloaded.
+
+It draws pictures of coloured shapes, builds a tiny BLIP-2-shaped encoder and a tiny LLM (taught the caption
+language text-only), then runs what a user runs: feature extraction into a store, a two-stage recipe through
+`align train`, and chat on held-out pictures, scoring how often the answer names the right colour and shape with the
+untrained projector and after each stage.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.utils import logging as transformers_logging
+
+from align.adapters.adapter_files import AdapterConfig, save_adapter
+from align.adapters.projector import build_projector
+from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.errors import AlignError
+from align.tools.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
+from align.tools.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
+from align.tools.extract import extract_features
+from align.tools.generation import GenerationOptions
+from align.tools.pipeline import Pipeline
+
+BACKBONE = "demo-tiny"
+MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
+TRAIN_PER_CONTENT, HELD_OUT_PER_CONTENT = 40, 4
+PRETRAIN_STEPS = 300
+# The trained projector must beat the untrained one by this much accuracy, or the demo fails.
+REQUIRED_GAIN = 0.3
+STAGES = {"untrained": "untrained", "stage1": "caption", "stage2": "chat"}
+
+RECIPE = """\
+# align train {recipe}
+# Written by `align demo`: MiniGPT-4's two stages on the demo's tiny models (CPU, fp32, seconds per stage).
+backbone: {{name: {backbone}, model: llm}}
+features: features
+projector: linear
+stages:
+  - name: caption                         # stage 1: image slots, then the caption (no prompt)
+    template: caption
+    data: [{{manifest: data/captions.jsonl}}]
+    max_length: 48
+    global_batch_size: 16
+    micro_batch_size: 16
+    epochs: 20
+    lr: {{init_lr: 1.0e-2, min_lr: 1.0e-3, warmup_lr: 1.0e-3, warmup_steps: 4}}
+    weight_decay: 0.0
+  - name: chat                            # stage 2: conversations in the backbone's own template (chatml)
+    data: [{{manifest: data/chat.jsonl}}]
+    max_length: 96
+    global_batch_size: 16
+    micro_batch_size: 16
+    epochs: 10
+    lr: {{init_lr: 3.0e-3, min_lr: 3.0e-4, warmup_lr: 3.0e-4, warmup_steps: 2}}
+    weight_decay: 0.0
+runtime:
+  precision: fp32
+  zero_stage: 0
+  seed: 0
+  save_interval: 1000
+  output_dir: runs
+"""
+
+
+class DemoError(AlignError):
+    """The demo cannot run in the workspace asked for."""
+
+
+@dataclass
+class DemoResult:
+    """Accuracy on the held-out pictures for each projector, and where everything was built."""
+
+    held_out: int
+    accuracy: dict[str, float]
+    seconds: float
+    workspace: str
+    examples: list[dict] = field(default_factory=list)  # a few held-out answers per projector
+    commands: dict[str, str] = field(default_factory=dict)  # what to run next
+
+    @property
+    def passed(self) -> bool:
+        """True when the trained projector clearly beats the untrained one."""
+        return self.accuracy["stage2"] >= self.accuracy["untrained"] + REQUIRED_GAIN
+
+    def as_json(self) -> dict:
+        """The `align demo --json` contract."""
+        return {"held_out": self.held_out, "accuracy": self.accuracy, "seconds": self.seconds,
+                "workspace": self.workspace}
+
+
+def prepare_workspace(out: Path) -> Path:
+    """An empty demo workspace at `out`; a previous demo's is cleared, any other non-empty folder is refused."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DemoError(f"{out} is not empty and not a demo workspace; pass --out with a new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `align demo`; a later demo may clear this folder\n")
+    return out
+
+
+def write_data(ws: Path, seed: int) -> list[tuple[Path, Content]]:
+    """Pictures and manifests: captions and conversations for training; returns the held-out pictures."""
+    rng, text_rng = np.random.default_rng(seed), random.Random(seed)
+    for folder in ("images/train", "images/held_out", "data"):
+        (ws / folder).mkdir(parents=True, exist_ok=True)
+    captions, chats, held_out = [], [], []
+    for i, content in enumerate(every_content() * TRAIN_PER_CONTENT):
+        path = ws / "images" / "train" / f"{i:03d}.png"
+        draw(content, rng).save(path)
+        ref = f"../images/train/{path.name}"
+        captions.append({"image": ref, "caption": caption(content, text_rng)})
+        messages = []
+        for j, (question, answer) in enumerate(conversation(content, text_rng)):
+            messages += [{"from": "human", "value": f"<image> {question}" if j == 0 else question},
+                         {"from": "gpt", "value": answer}]
+        chats.append({"image": ref, "conversations": messages})
+    for i, content in enumerate(every_content() * HELD_OUT_PER_CONTENT):
+        path = ws / "images" / "held_out" / f"{i:03d}.png"
+        draw(content, rng).save(path)
+        held_out.append((path, content))
+    for name, records in (("captions", captions), ("chat", chats),
+                          ("held_out", [{"image": f"../images/held_out/{p.name}", "caption": c.words} for p, c in held_out])):
+        (ws / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return held_out
+
+
+def build_models(ws: Path, seed: int, say: Callable[[str], None]) -> None:
+    """The encoder, the tokenizer and the LLM, taught the caption language text-only, then saved (and frozen)."""
+    build_demo_encoder(ws / "encoder", seed)
+    spec = get_backbone(BACKBONE)
+    build_demo_tokenizer(ws / "llm", spec.vocab_size)
+    tokenizer = backbone_tokenizer(spec, ws / "llm")
+    llm = build_demo_llm(ws / "llm", spec, seed)
+    started = time.perf_counter()
+    loss = pretrain_text(llm, tokenizer, spec, PRETRAIN_STEPS, seed)
+    llm.save_pretrained(ws / "llm")
+    say(f"      {PRETRAIN_STEPS} text-only steps in {time.perf_counter() - started:.0f} s, final loss {loss:.3f}")
+
+
+def write_untrained_adapter(ws: Path, seed: int) -> Path:
+    """The projector as training starts it (same seed, same initialisation), saved as an adapter to score."""
+    from align.tools.feature_store import FeatureStore
+
+    spec = get_backbone(BACKBONE)
+    torch.manual_seed(seed)
+    projector = build_projector("linear", WIDTH, spec.hidden_size)
+    store = FeatureStore.open(ws / "features")
+    config = AdapterConfig(projector="linear", in_features=WIDTH, out_features=spec.hidden_size, backbone=spec.name,
+                           hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, template=spec.template,
+                           num_query_tokens=QUERIES, encoder_fingerprint=store.meta["encoder_fingerprint"],
+                           stage="untrained", step=0)
+    return save_adapter(ws / "runs" / "untrained" / "adapter", config, projector.state_dict())
+
+
+def run_train(recipe: Path, quiet: bool) -> None:
+    """`align train recipe.yaml` in its own process, exactly as a user would run it."""
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    result = subprocess.run([sys.executable, "-m", "align", "train", str(recipe)], env=env,
+                            capture_output=quiet, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise DemoError(f"`align train {recipe}` failed (exit {result.returncode}) {' '.join(detail)}")
+
+
+def score(ws: Path, held_out: list[tuple[Path, Content]]) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy of each projector on the held-out pictures, asked to describe them in the chat template."""
+    accuracy, examples, features = {}, [], None
+    options = GenerationOptions(max_new_tokens=24)
+    for label, stage in STAGES.items():
+        pipeline = Pipeline.load(ws / "runs" / stage / "adapter", model=ws / "llm", encoder=ws / "encoder", device="cpu")
+        if features is None:
+            features = pipeline.image_features([path for path, _ in held_out])
+        prompts = [pipeline.prompt([(DESCRIBE, None)], with_image=True, room=options.max_new_tokens)] * len(held_out)
+        answers = pipeline.generate_batch(prompts, features, options)
+        right = [names_correctly(answer, content) for answer, (_, content) in zip(answers, held_out)]
+        accuracy[label] = round(sum(right) / len(held_out), 4)
+        examples += [{"projector": label, "image": str(path.relative_to(ws)), "truth": content.words, "answer": answer}
+                     for (path, content), answer in list(zip(held_out, answers))[:3]]
+    return accuracy, examples
+
+
+def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False) -> DemoResult:
+    """Build the workspace, run the pipeline, score it; `say` gets one line per step."""
+    started = time.perf_counter()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed announces its CPU fallback on stdout
+    # Loading bars for models that load in milliseconds would bury the demo's own lines.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers_logging.disable_progress_bar()
+    ws = prepare_workspace(out)
+    say(f"[1/5] drawing {len(every_content()) * TRAIN_PER_CONTENT} training and "
+        f"{len(every_content()) * HELD_OUT_PER_CONTENT} held-out pictures of coloured shapes in {ws}")
+    held_out = write_data(ws, seed)
+    say("[2/5] building a tiny BLIP-2 encoder and a tiny LLM; teaching the LLM the caption language (text only)")
+    build_models(ws, seed, say)
+    say("[3/5] align features extract: the frozen encoder, once per picture, into a feature store")
+    manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
+    extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=False, batch_size=64)
+    recipe = ws / "recipe.yaml"
+    recipe.write_text(RECIPE.format(recipe=recipe, backbone=BACKBONE))
+    say(f"[4/5] align train {recipe}: stage 1 (captions), stage 2 (chat); only the projector learns")
+    write_untrained_adapter(ws, seed)
+    run_train(recipe, quiet)
+    say(f"[5/5] asking the LLM to describe each of the {len(held_out)} held-out pictures, with each projector")
+    accuracy, examples = score(ws, held_out)
+    result = DemoResult(held_out=len(held_out), accuracy=accuracy, seconds=round(time.perf_counter() - started, 1),
+                        workspace=str(ws), examples=examples)
+    first = held_out[0][0]
+    result.commands = {
+        "chat": f"align chat --adapter {ws}/runs/chat/adapter --model {ws}/llm --encoder {ws}/encoder --image {first}",
+        "caption": f"align caption --adapter {ws}/runs/chat/adapter --model {ws}/llm --encoder {ws}/encoder "
+                   f"--manifest {ws}/data/held_out.jsonl --out {ws}/held_out_predictions.jsonl",
+    }
+    (ws / "results.json").write_text(json.dumps({**result.as_json(), "examples": examples}, indent=2) + "\n")
+    return result

@@ -1,0 +1,137 @@
+"""The tiny models of `align demo`, built on the spot: a BLIP-2-shaped encoder from the real transformers classes,
+a byte-level BPE tokenizer with ChatML controls, and a Qwen2-architecture LLM taught the caption language text-only."""
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Blip2Config, Qwen2Config, Qwen2ForCausalLM
+
+from align.backbones.spec import BackboneSpec
+from align.templates import IGNORE_INDEX, Conversation, ImageItem, Message, get_template, render
+from align.templates.conversation import ASSISTANT, USER
+from align.templates.text_tokenizer import TextTokenizer
+from align.tools.demo_world import CAPTIONS, QUESTIONS, Content, caption, conversation, every_content
+from align.tools.encoder import BlipEncoder, Encoder, build_encoder, save_encoder
+from align.tools.image_processing import Preprocessing
+
+IMAGE_SIZE, PATCH, QUERIES, WIDTH = 32, 16, 8, 32
+CONTROLS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_demo_encoder(out: Path, seed: int = 0) -> Encoder:
+    """A 2-layer vision transformer and 2-layer Q-Former with random weights, written in align's encoder layout.
+
+    Random weights at this scale keep colour and layout apart well enough for a linear projector to read them.
+    """
+    config = Blip2Config(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=PATCH),
+        qformer_config=dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=48, cross_attention_frequency=1, vocab_size=32, max_position_embeddings=64),
+        num_query_tokens=QUERIES,
+    )
+    torch.manual_seed(seed)
+    module = BlipEncoder(config)
+    with torch.no_grad():
+        for name, weight in module.named_parameters():
+            if weight.dim() > 1 or name == "query_tokens":
+                weight.normal_(0, 0.2)
+    encoder = build_encoder(config, module.state_dict(), "align demo (random tiny BLIP-2)",
+                            Preprocessing(image_size=IMAGE_SIZE))
+    save_encoder(encoder, out)
+    return encoder
+
+
+def corpus() -> list[str]:
+    """Every sentence of the demo's language, plus the templates' own words."""
+    lines = [c.format(colour=x.colour, shape=x.shape) for x in every_content() for c in CAPTIONS]
+    lines += [f"{q} {a.format(colour=x.colour, shape=x.shape)}" for x in every_content() for q, a in QUESTIONS]
+    lines += ["system user assistant <Img></Img>", "You are a helpful assistant."]
+    return lines
+
+
+def build_demo_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE (any text encodes) learnt from the demo corpus, with ChatML control tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CONTROLS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus() * 4, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def build_demo_llm(out: Path, spec: BackboneSpec, seed: int = 0) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2-architecture LLM with the backbone's hidden and vocab sizes, randomly initialised."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config)
+
+
+def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec, rng: random.Random) -> dict:
+    """A caption or a chat rendered exactly as training will render it; its image slots will hold the embeddings of
+    the content's words (see `pretrain_text`), so the LLM learns to describe what the slots say."""
+    if rng.random() < 0.5:
+        template = get_template("caption")
+        messages = (Message(USER, (ImageItem(0),)), Message(ASSISTANT, (caption(content, rng),), supervised=True))
+    else:
+        template = get_template(spec.template)
+        messages = []
+        for i, (question, answer) in enumerate(conversation(content, rng, turns=rng.choice((1, 2)))):
+            messages.append(Message(USER, (ImageItem(0), " " + question) if i == 0 else (question,)))
+            messages.append(Message(ASSISTANT, (answer,), supervised=True))
+    rendered = render(template, Conversation(tuple(messages), None, ("image",)), tokenizer, system=spec.system,
+                      num_query_tokens=QUERIES)
+    slots = [False] * len(rendered.input_ids)
+    for start, length in rendered.images:
+        slots[start:start + length] = [True] * length
+    words = [tokenizer.encode(" " + content.colour), tokenizer.encode(" " + content.shape)]
+    return {"ids": rendered.input_ids, "labels": rendered.labels, "slots": slots, "words": words}
+
+
+def _slot_embedding(embedding: torch.nn.Embedding, words: list[list[int]]) -> torch.Tensor:
+    """What an image slot holds in pretraining: the sum of the content words' (mean token) embeddings."""
+    return sum(embedding(torch.tensor(ids)).mean(0) for ids in words)
+
+
+def pretrain_text(llm: Qwen2ForCausalLM, tokenizer: TextTokenizer, spec: BackboneSpec, steps: int, seed: int = 0,
+                  batch_size: int = 32, on_step=None) -> float:
+    """Teach the LLM the caption language (text only, before it is frozen); returns the last loss."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    contents = every_content()
+    embedding = llm.get_input_embeddings()
+    llm.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        batch = [text_example(rng.choice(contents), tokenizer, spec, rng) for _ in range(batch_size)]
+        longest = max(len(x["ids"]) for x in batch)
+        ids = torch.full((batch_size, longest), tokenizer.pad_id)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX)
+        mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        slots = torch.zeros((batch_size, longest), dtype=torch.bool)
+        for b, x in enumerate(batch):
+            n = len(x["ids"])
+            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(x["ids"]), torch.tensor(x["labels"]), 1
+            slots[b, :n] = torch.tensor(x["slots"])
+        embeds = embedding(ids)
+        per_sample = torch.stack([_slot_embedding(embedding, x["words"]) for x in batch])
+        embeds = torch.where(slots.unsqueeze(-1), per_sample[:, None, :], embeds)
+        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+    llm.eval()
+    return loss.item()
