@@ -76,6 +76,14 @@ def test_generation_reads_the_image_through_the_projector(pipeline, home):
     assert other != reply  # the image slots steer the answer
 
 
+def test_a_pil_image_and_its_path_give_the_same_answer(pipeline, home):
+    from PIL import Image
+
+    with Image.open(image(home, 4)) as picture:
+        assert pipeline.generate(picture, "Describe this image.", GREEDY) == \
+            pipeline.generate(image(home, 4), "Describe this image.", GREEDY)
+
+
 def test_left_padded_batch_equals_one_by_one(pipeline, home):
     questions = ["Describe this image.", "What colour is the picture in front of you, please?", "Hi"]
     features = pipeline.image_features([image(home, i) for i in range(3)])
