@@ -28,6 +28,7 @@ from align.errors import AlignError
 from align.tools.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
 from align.tools.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
 from align.tools.extract import extract_features
+from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
 from align.tools.pipeline import Pipeline
 
@@ -66,7 +67,7 @@ stages:
 runtime:
   precision: fp32
   zero_stage: 0
-  seed: 0
+  seed: {seed}
   save_interval: 1000
   output_dir: runs
 """
@@ -151,8 +152,6 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None]) -> None:
 
 def write_untrained_adapter(ws: Path, seed: int) -> Path:
     """The projector as training starts it (same seed, same initialisation), saved as an adapter to score."""
-    from align.tools.feature_store import FeatureStore
-
     spec = get_backbone(BACKBONE)
     torch.manual_seed(seed)
     projector = build_projector("linear", WIDTH, spec.hidden_size)
@@ -210,7 +209,7 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
     extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=False, batch_size=64)
     recipe = ws / "recipe.yaml"
-    recipe.write_text(RECIPE.format(recipe=recipe, backbone=BACKBONE))
+    recipe.write_text(RECIPE.format(recipe=recipe, backbone=BACKBONE, seed=seed))
     say(f"[4/5] align train {recipe}: stage 1 (captions), stage 2 (chat); only the projector learns")
     write_untrained_adapter(ws, seed)
     run_train(recipe, quiet)
