@@ -102,6 +102,8 @@ class DemoResult:
 def prepare_workspace(out: Path) -> Path:
     """An empty demo workspace at `out`; a previous demo's is cleared, any other non-empty folder is refused."""
     out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out} is a file; pass --out with a new folder")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise DemoError(f"{out} is not empty and not a demo workspace; pass --out with a new folder")

@@ -39,6 +39,8 @@ def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
     (mine / "thesis.tex").write_text("do not delete")
     with pytest.raises(DemoError, match="not empty and not a demo workspace"):
         prepare_workspace(mine)
+    with pytest.raises(DemoError, match="is a file"):
+        prepare_workspace(mine / "thesis.tex")
     assert (mine / "thesis.tex").is_file()
     old = prepare_workspace(tmp_path / "old")
     (old / "runs").mkdir()
