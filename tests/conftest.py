@@ -3,6 +3,8 @@
 import base64
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,15 @@ CORPUS = [
 ]
 # Baichuan's control ids: user 195, assistant 196 (bos 1, eos 2, unk/pad 0).
 BAICHUAN_RESERVED = [f"<reserved_{i}>" for i in range(3, 200)]
+
+
+def run_align(*args, home: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m align ARGS` in a fresh process, as a user would (with `home` as $ALIGN_HOME)."""
+    from align.tools.trainer import child_environment
+
+    env = child_environment() | ({"ALIGN_HOME": str(home)} if home else {})
+    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def write_config(directory: Path, hidden_size: int = 64, vocab_size: int = 1000, **extra) -> None:

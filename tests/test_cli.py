@@ -1,10 +1,10 @@
 """The `align` command as a user runs it: JSON contracts, readable views, one-line errors with exit code 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_align
 
 CONVERSATION = {
     "image": "cat.jpg",
@@ -16,14 +16,6 @@ CONVERSATION = {
 }
 
 
-def align(*args, env_home=None):
-    """Run `python -m align ARGS` in a fresh process, as a user would."""
-    import os
-
-    env = {**os.environ, "ALIGN_HOME": str(env_home)} if env_home else None
-    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env)
-
-
 @pytest.fixture
 def conversation_file(tmp_path):
     path = tmp_path / "conversation.json"
@@ -32,19 +24,19 @@ def conversation_file(tmp_path):
 
 
 def test_backbones_list_and_show_json(align_home):
-    listed = json.loads(align("backbones", "list", "--json", env_home=align_home).stdout)
+    listed = json.loads(run_align("backbones", "list", "--json", home=align_home).stdout)
     assert {row["name"] for row in listed} >= {"qwen-7b-chat", "vicuna-7b-v0", "baichuan2-13b-chat"}
     assert not any(row["is_added"] for row in listed)
-    shown = json.loads(align("backbones", "show", "qwen-7b-chat", "--json", env_home=align_home).stdout)
+    shown = json.loads(run_align("backbones", "show", "qwen-7b-chat", "--json", home=align_home).stdout)
     assert shown["template"] == "chatml" and shown["stop_controls"] == ["im_end", "endoftext", "eos"]
 
 
 def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_file):
-    added = align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, env_home=align_home)
+    added = run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home)
     assert added.returncode == 0, added.stderr
     assert "added 'qwen-7b-chat'" in added.stdout and "FAIL" not in added.stdout
 
-    result = align("render", "qwen-7b-chat", "--conversation", conversation_file, "--json", env_home=align_home)
+    result = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--json", home=align_home)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert set(data) == {"text", "input_ids", "labels", "images"}
@@ -58,17 +50,17 @@ def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_
 
 
 def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_model_dir, conversation_file):
-    result = align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir,
-                   env_home=align_home)
+    result = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir,
+                   home=align_home)
     assert result.returncode == 0, result.stderr
     assert "⟪cat<|im_end|>⟫" in result.stdout and "[image 0: 32 slots]" in result.stdout
-    table = align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir, "--tokens",
-                  env_home=align_home)
+    table = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir, "--tokens",
+                  home=align_home)
     assert "image 0" in table.stdout and "'<|im_start|>'" in table.stdout
 
 
 def test_add_new_backbone_by_detected_template(align_home, hf_chatml_dir):
-    result = align("add-backbone", "tiny-chatml", "--model", hf_chatml_dir, env_home=align_home)
+    result = run_align("add-backbone", "tiny-chatml", "--model", hf_chatml_dir, home=align_home)
     assert result.returncode == 0, result.stderr
     assert "template chatml" in result.stdout
 
@@ -93,7 +85,7 @@ def test_user_errors_are_one_line_exit_2(align_home, tmp_path, args, message):
     configured.mkdir()
     (configured / "config.json").write_text(json.dumps({"hidden_size": 8, "vocab_size": 10}))
     args = [a.format(empty=empty, configured=configured) for a in args]
-    result = align(*args, env_home=align_home)
+    result = run_align(*args, home=align_home)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
@@ -102,7 +94,7 @@ def test_user_errors_are_one_line_exit_2(align_home, tmp_path, args, message):
 
 
 def test_failed_self_check_exits_2_and_lists_failures(align_home, sp_model_dir):
-    result = align("add-backbone", "mine", "--model", sp_model_dir, "--template", "chatml", env_home=align_home)
+    result = run_align("add-backbone", "mine", "--model", sp_model_dir, "--template", "chatml", home=align_home)
     assert result.returncode == 2
     assert "FAIL control tokens are single ids" in result.stdout
     assert result.stderr.strip() == "error: 'mine' not added; failed: control tokens are single ids"
@@ -112,7 +104,7 @@ def test_failed_self_check_exits_2_and_lists_failures(align_home, sp_model_dir):
 def test_bad_conversation_file_is_one_line(align_home, qwen_model_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"conversations": [{"from": "gpt", "value": "x"}]}')
-    result = align("render", "qwen-7b-chat", "--conversation", bad, "--model", qwen_model_dir, env_home=align_home)
+    result = run_align("render", "qwen-7b-chat", "--conversation", bad, "--model", qwen_model_dir, home=align_home)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: message 0: expected a user turn, got assistant (turns must alternate, user first)"
     )

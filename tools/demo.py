@@ -31,6 +31,7 @@ from align.tools.extract import extract_features
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
 from align.tools.pipeline import Pipeline
+from align.tools.trainer import child_environment
 
 BACKBONE = "demo-tiny"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
@@ -167,9 +168,7 @@ def write_untrained_adapter(ws: Path, seed: int) -> Path:
 
 def run_train(recipe: Path, quiet: bool) -> None:
     """`align train recipe.yaml` in its own process, exactly as a user would run it."""
-    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    result = subprocess.run([sys.executable, "-m", "align", "train", str(recipe)], env=env,
+    result = subprocess.run([sys.executable, "-m", "align", "train", str(recipe)], env=child_environment(),
                             capture_output=quiet, text=True)
     if result.returncode != 0:
         detail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []

@@ -45,6 +45,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_environment() -> dict[str, str]:
+    """os.environ without the rendezvous variables an in-process run set, so a child `align` starts its own group."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+
+
 def start_distributed() -> tuple[int, int]:
     """Start DeepSpeed's process group (gloo on CPU, with its CPU accelerator; nccl on GPU); (rank, world)."""
     if not torch.cuda.is_available():

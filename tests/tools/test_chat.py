@@ -2,9 +2,6 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +14,9 @@ from align.tools.chat_repl import open_session, run_repl
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions, Stops
 from align.tools.pipeline import Pipeline
+from conftest import run_align
 
 GREEDY = GenerationOptions(max_new_tokens=6)
-LAUNCHER = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.fixture
@@ -183,24 +180,18 @@ def test_repl_commands(pipeline, home, tmp_path):
     assert next(lines) == "never read"
 
 
-def _align(*args, env_home):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER} | {"ALIGN_HOME": str(env_home)}
-    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
 def test_chat_command_answers_questions_on_stdout(home, adapter, tiny_blip2, pipeline):
-    result = _align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
+    result = run_align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
                     "--question", "Describe this image.", "--question", "And the colour?", "--max-new-tokens", 6,
-                    env_home=home["home"])
+                    home=home["home"], timeout=300)
     assert result.returncode == 0, result.stderr
     session = pipeline.chat(image(home, 0))
     expected = [session.ask("Describe this image.", GREEDY), session.ask("And the colour?", GREEDY)]
     assert result.stdout.splitlines() == expected
-    missing = _align("chat", "--adapter", adapter.parent / "missing", "--question", "Hi", env_home=home["home"])
+    missing = run_align("chat", "--adapter", adapter.parent / "missing", "--question", "Hi", home=home["home"], timeout=300)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
-    bad = _align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
-                 "--question", "Hi", "--top-p", 2, env_home=home["home"])
+    bad = run_align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
+                 "--question", "Hi", "--top-p", 2, home=home["home"], timeout=300)
     assert bad.returncode == 2 and "top-p must be in" in bad.stderr
 
 

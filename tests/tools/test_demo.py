@@ -1,23 +1,17 @@
 """`align demo`: the whole pipeline on tiny built-in models beats its untrained projector, and reports it as promised."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from align.tools.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
 from align.tools.demo_world import Content, names_correctly
-
-LAUNCHER = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+from conftest import run_align
 
 
 def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER} | {"ALIGN_HOME": str(tmp_path / "home")}
     out = tmp_path / "ws"
-    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(out), "--json"], capture_output=True,
-                            text=True, env=env, timeout=600)
+    result = run_align("demo", "--out", out, "--json", home=tmp_path / "home", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)  # stdout is the one JSON object and nothing else
     assert set(report) == {"held_out", "accuracy", "seconds", "workspace"}
@@ -49,8 +43,7 @@ def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
 
 def test_demo_refuses_a_foreign_folder_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "align", "demo", "--out", str(tmp_path)], capture_output=True,
-                            text=True)
+    result = run_align("demo", "--out", tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from align.adapters.adapter_files import AdapterError, load_adapter
 from align.tools.recipe import RecipeError, load_recipe
-from align.tools.trainer import train
+from align.tools.trainer import child_environment, train
+from conftest import run_align
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,8 +127,7 @@ def test_two_processes_end_with_the_same_adapter_as_one(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
     # In-process trainings of this session left their rendezvous variables in os.environ; children start clean.
-    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
+    env = child_environment() | {"OMP_NUM_THREADS": "1"}
 
     def run(prefix, output):
         args = [*prefix, "-m", "align", "train", str(workspace["recipe"]), "--output", str(output)]
@@ -165,10 +165,10 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_validate_command(workspace):
-    args = [sys.executable, "-m", "align", "validate", str(workspace["recipe"])]
+    args = ["validate", workspace["recipe"]]
     for s in workspace["sets"]:
         args += ["--set", s]
-    ok = subprocess.run(args, capture_output=True, text=True)
+    ok = run_align(*args)
     assert ok.returncode == 0 and "ok: 2 stage(s)" in ok.stdout, ok.stderr
-    bad = subprocess.run(args + ["--set", "backbone.name=nope"], capture_output=True, text=True)
+    bad = run_align(*args, "--set", "backbone.name=nope")
     assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
