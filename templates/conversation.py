@@ -1,6 +1,6 @@
 """The one conversation type that flows from data records to templates, and its validation."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -130,6 +130,17 @@ def conversation_from_record(record: Mapping) -> Conversation:
         seen += text.count(IMAGE_MARKER)
         messages.append(Message(role, content, supervised=role == ASSISTANT))
     return Conversation(tuple(messages), system, images)
+
+
+def conversation_from_turns(turns: Sequence[tuple[str, str | None]], with_image: bool) -> Conversation:
+    """(question, reply) pairs as a conversation (a last reply of None leaves it ending with the user); an image goes
+    at the start of the first question, as a record's `<image> question` puts it."""
+    messages = []
+    for i, (question, reply) in enumerate(turns):
+        messages.append(Message(USER, (ImageItem(0), " " + question) if with_image and i == 0 else (question,)))
+        if reply is not None:
+            messages.append(Message(ASSISTANT, (reply,), supervised=True))
+    return Conversation(tuple(messages), None, ("image",) if with_image else ())
 
 
 def validate_turns(turns: list[tuple[str, str]]) -> None:

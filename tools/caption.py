@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from align.errors import AlignError
-from align.templates.conversation import IMAGE_MARKER
+from align.templates import conversation_from_record
 from align.tools.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
 from align.tools.pipeline import Pipeline, read_image
@@ -40,16 +40,16 @@ def rejects_path(out: Path) -> Path:
 
 
 def question_of(record: dict, default_prompt: str) -> tuple[str, str | None]:
-    """(question, reference): a conversation's first question and answer, or the prompt and a caption."""
-    turns = record.get("conversations", record.get("messages"))
-    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
-        question = str(turns[0].get("value", turns[0].get("content", ""))).replace(IMAGE_MARKER, "").strip()
-        answer = turns[1].get("value", turns[1].get("content")) if len(turns) > 1 and isinstance(turns[1], dict) else None
-        if not question:
-            raise AlignError("the record's first turn has no question")
-        return question, answer
-    caption = record.get("caption")
-    return default_prompt, caption if isinstance(caption, str) else None
+    """(question, reference): a conversation's first question and answer, or the prompt (and a caption, if any)."""
+    if "conversations" not in record and "messages" not in record:
+        caption = record.get("caption")
+        return default_prompt, caption if isinstance(caption, str) else None
+    conversation = conversation_from_record(record)  # an invalid conversation is a ConversationError: a reject
+    first = conversation.messages[0]
+    question = "".join(item for item in first.content if isinstance(item, str)).strip()
+    if not question:
+        raise AlignError("the record's first turn has no question")
+    return question, conversation.messages[1].text if len(conversation.messages) > 1 else None
 
 
 def _finished_lines(out: Path) -> set[int]:

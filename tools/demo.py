@@ -146,7 +146,7 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None]) -> None:
     spec = get_backbone(BACKBONE)
     build_demo_tokenizer(ws / "llm", spec.vocab_size)
     tokenizer = backbone_tokenizer(spec, ws / "llm")
-    llm = build_demo_llm(ws / "llm", spec, seed)
+    llm = build_demo_llm(spec, seed)
     started = time.perf_counter()
     loss = pretrain_text(llm, tokenizer, spec, PRETRAIN_STEPS, seed)
     llm.save_pretrained(ws / "llm")

@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Blip2Config, Qwen2Config, Qwen2ForCausalLM
 
 from align.backbones.spec import BackboneSpec
-from align.templates import IGNORE_INDEX, Conversation, ImageItem, Message, get_template, render
-from align.templates.conversation import ASSISTANT, USER
+from align.templates import IGNORE_INDEX, conversation_from_record, get_template, render
+from align.templates.conversation import conversation_from_turns
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.demo_world import CAPTIONS, QUESTIONS, Content, caption, conversation, every_content
 from align.tools.encoder import BlipEncoder, Encoder, build_encoder, save_encoder
@@ -66,7 +66,7 @@ def build_demo_tokenizer(out: Path, vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
 
 
-def build_demo_llm(out: Path, spec: BackboneSpec, seed: int = 0) -> Qwen2ForCausalLM:
+def build_demo_llm(spec: BackboneSpec, seed: int = 0) -> Qwen2ForCausalLM:
     """A 2-layer Qwen2-architecture LLM with the backbone's hidden and vocab sizes, randomly initialised."""
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
@@ -80,15 +80,11 @@ def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec,
     the content's words (see `pretrain_text`), so the LLM learns to describe what the slots say."""
     if rng.random() < 0.5:
         template = get_template("caption")
-        messages = (Message(USER, (ImageItem(0),)), Message(ASSISTANT, (caption(content, rng),), supervised=True))
+        chat = conversation_from_record({"image": "image", "caption": caption(content, rng)})
     else:
         template = get_template(spec.template)
-        messages = []
-        for i, (question, answer) in enumerate(conversation(content, rng, turns=rng.choice((1, 2)))):
-            messages.append(Message(USER, (ImageItem(0), " " + question) if i == 0 else (question,)))
-            messages.append(Message(ASSISTANT, (answer,), supervised=True))
-    rendered = render(template, Conversation(tuple(messages), None, ("image",)), tokenizer, system=spec.system,
-                      num_query_tokens=QUERIES)
+        chat = conversation_from_turns(conversation(content, rng, turns=rng.choice((1, 2))), with_image=True)
+    rendered = render(template, chat, tokenizer, system=spec.system, num_query_tokens=QUERIES)
     slots = [False] * len(rendered.input_ids)
     for start, length in rendered.images:
         slots[start:start + length] = [True] * length

@@ -160,6 +160,13 @@ class FeatureStore:
         """The key of an image path as extraction resolved it, if it was extracted."""
         return self.sources.get(source)
 
+    def find(self, path: Path) -> str | None:
+        """The key of an image file in this store: as extracted under this path, else by its bytes; None if absent."""
+        key = self.key_for_source(str(path))
+        if key is None and path.is_file():
+            key = image_key(path.read_bytes())  # extracted under another path: the bytes decide
+        return key if key in self else None
+
     # -- writing ----------------------------------------------------------------------------------------------------
 
     def clean_partial_writes(self, writer: str) -> None:

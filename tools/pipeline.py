@@ -21,8 +21,8 @@ from align.adapters.vision_llm import VisionLLM
 from align.backbones.llm import load_frozen_llm
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.errors import AlignError
-from align.templates import Conversation, ImageItem, Message, Rendered, get_template, render, stop_ids
-from align.templates.conversation import ASSISTANT, USER
+from align.templates import Rendered, get_template, render, stop_ids
+from align.templates.conversation import conversation_from_turns
 from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
 from align.tools.extract import encode
 from align.tools.feature_store import FeatureStore
@@ -75,8 +75,9 @@ class Pipeline:
         config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
                           template=config.template, where=str(adapter))
         device = torch.device(device) if device is not None else default_device()
-        tokenizer = backbone_tokenizer(spec, Path(model) if model else None)
-        llm = load_frozen_llm(spec, Path(model) if model else None, dtype=dtype or ("fp32" if device.type == "cpu" else spec.dtype),
+        model = Path(model) if model else None
+        tokenizer = backbone_tokenizer(spec, model)
+        llm = load_frozen_llm(spec, model, dtype=dtype or ("fp32" if device.type == "cpu" else spec.dtype),
                               quantization=quantization, trust_remote_code=trust_remote_code, device=device)
         projector = build_projector(config.projector, config.in_features, config.out_features)
         try:
@@ -107,7 +108,7 @@ class Pipeline:
         if tuple(opened.row_shape[1:]) != (self.adapter.num_query_tokens, self.adapter.in_features):
             raise AdapterError(f"store {store} rows are {list(opened.row_shape[1:])}; the adapter takes "
                                f"[{self.adapter.num_query_tokens}, {self.adapter.in_features}]")
-        resolved = opened.key_for_source(str(Path(key).expanduser().resolve())) or key
+        resolved = opened.find(Path(key).expanduser().resolve()) or key
         return torch.from_numpy(np.asarray(opened.get(resolved)[0], dtype=np.float32))[None]
 
     # -- prompts and generation ---------------------------------------------------------------------------------------
@@ -117,14 +118,7 @@ class Pipeline:
         kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM."""
         turns = list(turns)
         while True:
-            messages = []
-            for i, (question, reply) in enumerate(turns):
-                # As training prompts put it: "<image> question".
-                content = (ImageItem(0), " " + question) if with_image and i == 0 else (question,)
-                messages.append(Message(USER, content))
-                if reply is not None:
-                    messages.append(Message(ASSISTANT, (reply,), supervised=True))
-            conversation = Conversation(tuple(messages), None, ("image",) if with_image else ())
+            conversation = conversation_from_turns(turns, with_image)
             rendered = render(self.template, conversation, self.tokenizer, system=self.spec.system,
                               num_query_tokens=self.adapter.num_query_tokens)
             if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions or len(turns) == 1:

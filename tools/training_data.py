@@ -12,7 +12,7 @@ from align.errors import AlignError
 from align.templates import IGNORE_INDEX, Template, conversation_from_record, render
 from align.templates.conversation import IMAGE_MARKER
 from align.templates.text_tokenizer import TextTokenizer
-from align.tools.feature_store import FeatureStore, image_key
+from align.tools.feature_store import FeatureStore
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.tools.rejects import RejectLog
 
@@ -39,13 +39,6 @@ def prompted(record: dict, prompts: list[str] | None, rng: random.Random) -> dic
         {"from": "human", "value": prompt}, {"from": "gpt", "value": record["caption"]}]}
 
 
-def _key_of(path: Path, store: FeatureStore) -> str | None:
-    key = store.key_for_source(str(path))
-    if key is None and path.is_file():
-        key = image_key(path.read_bytes())  # extracted under another path: the bytes decide
-    return key if key in store else None
-
-
 def build_samples(
     manifests: list[Path], store: FeatureStore, template: Template, tokenizer: TextTokenizer, *,
     system: str | None, max_length: int, prompts: list[str] | None, seed: int, rejects: RejectLog | None,
@@ -62,7 +55,7 @@ def build_samples(
                 record = prompted(item.record, prompts, rng)
                 keys = []
                 for ref in image_refs(record):
-                    key = _key_of(resolve_image(ref, manifest, image_root), store)
+                    key = store.find(resolve_image(ref, manifest, image_root))
                     if key is None:
                         raise AlignError(f"image {ref} is not in the feature store")
                     keys.append(key)
