@@ -1,16 +1,28 @@
-"""Loading a backbone's LLM, frozen: native transformers classes unless the backbone needs remote code and the
-user opted in; optional 8-bit / 4-bit quantization through bitsandbytes."""
+"""Loading a backbone's LLM, frozen: native transformers classes (official Qwen-1 and Baichuan checkpoints through
+their native layouts), remote code only by explicit opt-in; optional 8-bit / 4-bit quantization through bitsandbytes."""
 
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from align.backbones.model_dir import check_model_dir
+from align.backbones import model_dir
+from align.backbones.native import layout_for
 from align.backbones.spec import BackboneSpec
 from align.errors import BackboneError
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RemoteCodeError(BackboneError):
+    """A model whose architecture only its own code runs, loaded without the opt-in."""
+
+    def __init__(self, path: Path, architectures: list[str], opt_in: str = "trust_remote_code=True"):
+        self.path, self.architectures = path, architectures
+        super().__init__(
+            f"{path} ({', '.join(architectures) or 'no architectures'}) needs the model's own code, which align does not "
+            f"run by default; pass {opt_in} only if you trust the files in that directory"
+        )
 
 
 def quantization_config(quantization: str, dtype: str) -> BitsAndBytesConfig | None:
@@ -24,6 +36,69 @@ def quantization_config(quantization: str, dtype: str) -> BitsAndBytesConfig | N
     raise BackboneError(f"quantization must be none, 8bit or 4bit, not {quantization!r}")
 
 
+def model_directory(model: Path | str) -> Path:
+    """A model directory, or the local model of the backbone registered under that exact name."""
+    path = Path(model).expanduser()
+    if path.is_dir() or not isinstance(model, str) or "/" in model:
+        return model_dir.check_model_dir(path)
+    from align.backbones.registry import get_backbone  # the registry is only needed for names
+
+    spec = get_backbone(model)
+    if spec.model_path is None:
+        raise BackboneError(f"backbone '{spec.name}' has no local model: run `align add-backbone {spec.name} --model PATH`")
+    return model_dir.check_model_dir(Path(spec.model_path))
+
+
+def load_llm(
+    model: Path | str,
+    *,
+    dtype: str = "fp32",
+    quantization: str = "none",
+    trust_remote_code: bool = False,
+    device: torch.device | str | None = None,
+) -> PreTrainedModel:
+    """The frozen causal LM (eval mode) of a model directory or a registered backbone's name.
+
+    Official Qwen-1 and Baichuan checkpoints load into native classes; any other directory through transformers'
+    Auto classes. Weights stream shard by shard into `dtype` (fp32, fp16, bf16) or 8/4-bit quantization.
+    """
+    if dtype not in TORCH_DTYPES:
+        raise BackboneError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
+    path = model_directory(model)
+    config = model_dir.model_config(path)
+    layout = layout_for(config)
+    quant = quantization_config(quantization, dtype)
+    kwargs: dict = {"dtype": TORCH_DTYPES[dtype]}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.device(device) if device is not None else "cpu"}
+    if layout is not None:
+        model_class, kwargs["config"] = layout.loading_class, layout.loading_config(config)
+    else:
+        if model_dir.needs_remote_code(config) and not trust_remote_code:
+            raise RemoteCodeError(path, config.get("architectures") or [])
+        model_class, kwargs["trust_remote_code"] = AutoModelForCausalLM, trust_remote_code
+    try:
+        llm = model_class.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(f"cannot load the LLM from {path}: {exc}") from None
+    if layout is not None and layout.norm_head(config):
+        normalise_output_rows(llm)
+    if quant is None and device is not None:
+        llm.to(device)
+    llm.requires_grad_(False)
+    return llm.eval()
+
+
+@torch.no_grad()
+def normalise_output_rows(llm: PreTrainedModel) -> None:
+    """Baichuan2's NormHead: each output row scaled to unit L2 norm (in fp32, then back to the head's dtype)."""
+    head = llm.get_output_embeddings().weight
+    if not head.is_floating_point():
+        raise BackboneError("the output layer must not be quantized: its rows are normalised after loading")
+    head.copy_(torch.nn.functional.normalize(head.float(), dim=-1).to(head.dtype))
+
+
 def load_frozen_llm(
     spec: BackboneSpec,
     model: Path | None = None,
@@ -34,28 +109,11 @@ def load_frozen_llm(
     gradient_checkpointing: bool = False,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """The backbone's causal LM with every weight frozen; its hidden and vocab sizes checked against the spec."""
+    """A backbone's frozen LLM (`model`, else its added path), its hidden and vocab sizes checked against the spec."""
     path = model or (Path(spec.model_path) if spec.model_path else None)
     if path is None:
         raise BackboneError(f"backbone '{spec.name}' has no local model: pass a model path or `align add-backbone`")
-    check_model_dir(Path(path))
-    if spec.remote_code and not trust_remote_code:
-        raise BackboneError(
-            f"backbone '{spec.name}' needs the model's own code (trust_remote_code); set runtime.trust_remote_code: true "
-            "only if you trust the files in the model directory"
-        )
-    quant = quantization_config(quantization, dtype)
-    kwargs = {"dtype": TORCH_DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device or "cpu"}
-    try:
-        llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load the LLM from {path}: {exc}") from None
-    if quant is None and device is not None:
-        llm.to(device)
-    llm.requires_grad_(False)
+    llm = load_llm(Path(path), dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code, device=device)
     hidden = llm.get_input_embeddings().weight.shape[1]
     rows = llm.get_input_embeddings().weight.shape[0]
     if hidden != spec.hidden_size or rows < spec.vocab_size:
@@ -67,6 +125,4 @@ def load_frozen_llm(
         # Checkpointing only acts in train mode; the frozen LLM has no dropout that this would switch on.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         llm.train()
-    else:
-        llm.eval()
     return llm

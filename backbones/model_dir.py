@@ -5,6 +5,7 @@ from pathlib import Path
 
 import transformers
 
+from align.backbones.native import native_architectures
 from align.errors import BackboneError
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -32,12 +33,17 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def llm_config(path: Path) -> dict:
-    """The model's config.json, with the text config of a multimodal wrapper flattened in."""
+def model_config(path: Path) -> dict:
+    """The model's config.json as written."""
     file = path / "config.json"
     if not file.is_file():
-        raise BackboneError(f"{path} has no config.json; hidden and vocab sizes come from it")
-    config = read_json(file)
+        raise BackboneError(f"{path} has no config.json; the LLM's architecture and sizes come from it")
+    return read_json(file)
+
+
+def llm_config(path: Path) -> dict:
+    """The model's config.json, with the text config of a multimodal wrapper flattened in."""
+    config = model_config(path)
     return {**config, **config.get("text_config", {})}
 
 
@@ -51,10 +57,10 @@ def sizes(config: dict, where: Path) -> tuple[int, int]:
 
 
 def needs_remote_code(config: dict) -> bool:
-    """True when transformers has no class for the model's architecture (it ships its own code)."""
+    """True when neither transformers nor align's native layouts have a class for the model's architecture."""
     architectures = config.get("architectures") or []
     if architectures:
-        return not all(hasattr(transformers, arch) for arch in architectures)
+        return not all(hasattr(transformers, arch) or arch in native_architectures() for arch in architectures)
     return "auto_map" in config
 
 
