@@ -120,6 +120,24 @@ def add_backbone(
     console.print(f"added '{result.spec.name}' (template {result.spec.template}) → {escape(str(result.path))}", highlight=False)
 
 
+@app.command("convert-backbone")
+def convert_backbone(
+    name: Annotated[str, typer.Argument(help="The backbone the checkpoint belongs to (e.g. qwen-7b-chat).")],
+    model: Annotated[Path, typer.Option(help="The official checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="New directory for the native safetensors copy.")],
+    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: the checkpoint's own).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write an official Qwen-1 / Baichuan checkpoint once as a native transformers directory (optional: align
+    loads the official one natively too)."""
+    from dataclasses import asdict
+
+    from align.backbones.convert import convert_backbone as convert
+
+    result = convert(name, model, out, dtype)
+    _print_record({**asdict(result), "out": str(result.out)}, as_json)
+
+
 @app.command("render")
 def render(
     name: Annotated[str, typer.Argument(help="Backbone name.")],
@@ -313,6 +331,13 @@ AdapterArg = Annotated[Path, typer.Option("--adapter", help="Adapter directory (
 ModelOpt = Annotated[Optional[Path], typer.Option(help="LLM directory (default: the backbone's added model path).")]
 EncoderOpt = Annotated[Optional[Path], typer.Option(help="BLIP-2 encoder directory (align export, HF or LAVIS).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else the CPU).")]
+LlmDtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="LLM weights in fp16, bf16 or fp32 (default: the backbone's on a GPU, fp32 on the CPU).")]
+QuantizationOpt = Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run the model directory's own code, for architectures align cannot load natively; "
+    "only if you trust those files.")]
+REMOTE_CODE_FLAG = "--trust-remote-code"
 MaxNewTokens = Annotated[int, typer.Option(help="Most tokens in one reply.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 picks the likeliest token (greedy).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with temperature > 0).")]
@@ -331,7 +356,9 @@ def chat(
     question: Annotated[Optional[list[str]], typer.Option(help="Ask this and print the answer (repeat for more turns); no prompt loop.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone name (default: the adapter's).")] = None,
     device: DeviceOpt = None,
-    quantization: Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")] = "none",
+    dtype: LlmDtypeOpt = None,
+    quantization: QuantizationOpt = "none",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 0.9,
@@ -339,12 +366,15 @@ def chat(
     repetition_penalty: RepetitionPenalty = 1.0,
 ) -> None:
     """Talk about an image with a trained adapter, in the backbone's own chat template."""
+    from align.backbones.llm import remote_code_opt_in
     from align.tools.chat_repl import open_session, run_repl
     from align.tools.generation import GenerationOptions
 
     options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
-    session = open_session(adapter, image=image, model=model, encoder=encoder, features=features, key=key,
-                           backbone=backbone, device=device, quantization=quantization)
+    with remote_code_opt_in(REMOTE_CODE_FLAG):
+        session = open_session(adapter, image=image, model=model, encoder=encoder, features=features, key=key,
+                               backbone=backbone, device=device, dtype=dtype, quantization=quantization,
+                               trust_remote_code=trust_remote_code)
     if question:
         for text in question:
             print(session.ask(text, options), flush=True)
@@ -363,6 +393,9 @@ def caption(
     image_root: Annotated[Optional[Path], typer.Option(help="Folder relative image paths start from (default: the manifest's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images generated together (left-padded).")] = 8,
     device: DeviceOpt = None,
+    dtype: LlmDtypeOpt = None,
+    quantization: QuantizationOpt = "none",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     max_new_tokens: MaxNewTokens = 64,
     temperature: Temperature = 0.0,
     top_p: TopP = 0.9,
@@ -371,6 +404,7 @@ def caption(
     as_json: JsonFlag = False,
 ) -> None:
     """Caption (or answer the first question of) every record of a manifest; bad records are skipped with a reason."""
+    from align.backbones.llm import remote_code_opt_in
     from align.tools.caption import caption_manifest
     from align.tools.generation import GenerationOptions
     from align.tools.pipeline import Pipeline
@@ -378,7 +412,9 @@ def caption(
     if encoder is None:
         raise AlignError("--encoder PATH is needed: captions are generated from the images themselves")
     options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
-    pipeline = Pipeline.load(adapter, model=model, encoder=encoder, device=device)
+    with remote_code_opt_in(REMOTE_CODE_FLAG):
+        pipeline = Pipeline.load(adapter, model=model, encoder=encoder, device=device, dtype=dtype,
+                                 quantization=quantization, trust_remote_code=trust_remote_code)
     summary = caption_manifest(pipeline, manifest, out, prompt=prompt, options=options, batch_size=batch_size,
                                image_root=image_root, progress=not as_json)
     _print_record(summary.as_dict(), as_json)

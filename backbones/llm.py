@@ -1,6 +1,8 @@
 """Loading a backbone's LLM, frozen: native transformers classes (official Qwen-1 and Baichuan checkpoints through
 their native layouts), remote code only by explicit opt-in; optional 8-bit / 4-bit quantization through bitsandbytes."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,15 @@ class RemoteCodeError(BackboneError):
             f"{path} ({', '.join(architectures) or 'no architectures'}) needs the model's own code, which align does not "
             f"run by default; pass {opt_in} only if you trust the files in that directory"
         )
+
+
+@contextmanager
+def remote_code_opt_in(how: str) -> Iterator[None]:
+    """Inside, a remote-code error names `how` as the way to opt in (a CLI flag, a recipe key)."""
+    try:
+        yield
+    except RemoteCodeError as exc:
+        raise RemoteCodeError(exc.path, exc.architectures, how) from None
 
 
 def quantization_config(quantization: str, dtype: str) -> BitsAndBytesConfig | None:

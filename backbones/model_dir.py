@@ -5,7 +5,6 @@ from pathlib import Path
 
 import transformers
 
-from align.backbones.native import native_architectures
 from align.errors import BackboneError
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -58,6 +57,8 @@ def sizes(config: dict, where: Path) -> tuple[int, int]:
 
 def needs_remote_code(config: dict) -> bool:
     """True when neither transformers nor align's native layouts have a class for the model's architecture."""
+    from align.backbones.native import native_architectures  # model classes: imported only when asked
+
     architectures = config.get("architectures") or []
     if architectures:
         return not all(hasattr(transformers, arch) or arch in native_architectures() for arch in architectures)

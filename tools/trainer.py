@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.llm import TORCH_DTYPES, load_frozen_llm
+from align.backbones.llm import TORCH_DTYPES, load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
@@ -310,12 +310,13 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
     spec = get_backbone(recipe.backbone.name)
     store = FeatureStore.open(recipe.features)
     run = Run(recipe, rank, world, device, spec, store)
-    llm = load_frozen_llm(
-        spec, recipe.backbone.model, dtype="fp32" if device.type == "cpu" and recipe.runtime.quantization == "none"
-        else recipe.runtime.precision, quantization=recipe.runtime.quantization,
-        trust_remote_code=recipe.runtime.trust_remote_code,
-        gradient_checkpointing=recipe.runtime.gradient_checkpointing, device=device,
-    )
+    with remote_code_opt_in("runtime.trust_remote_code: true in the recipe (or --set runtime.trust_remote_code=true)"):
+        llm = load_frozen_llm(
+            spec, recipe.backbone.model, dtype="fp32" if device.type == "cpu" and recipe.runtime.quantization == "none"
+            else recipe.runtime.precision, quantization=recipe.runtime.quantization,
+            trust_remote_code=recipe.runtime.trust_remote_code,
+            gradient_checkpointing=recipe.runtime.gradient_checkpointing, device=device,
+        )
     run.model = VisionLLM(llm, torch.nn.Identity())  # each stage puts its own projector engine here
     if run.main:
         recipe.runtime.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,35 @@
 """SentencePiece `tokenizer.model` files (LLaMA, Vicuna, Baichuan), read with the sentencepiece library."""
 
+import re
 from pathlib import Path
 
 import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from align.backbones.tokenizers.registry import PadRule, TokenizerKind, register_tokenizer_kind, resolve_pad
 from align.errors import TokenizerError
 
 
+# Reserved pieces (Baichuan's `<reserved_106>` = user, `<reserved_107>` = assistant) are stored as USER_DEFINED, which
+# SentencePiece matches in text; as CONTROL they keep their ids for templates but are never produced from text.
+RESERVED_PIECE = re.compile(r"<reserved_\d+>")
+
+
+def _without_reserved_matching(path: Path) -> bytes:
+    """The model file with every reserved user-defined piece turned into a control piece; nothing else changes."""
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    for piece in proto.pieces:
+        if piece.type == model_pb2.ModelProto.SentencePiece.USER_DEFINED and RESERVED_PIECE.fullmatch(piece.piece):
+            piece.type = model_pb2.ModelProto.SentencePiece.CONTROL
+    return proto.SerializeToString()
+
+
 class SentencePieceTokenizer:
-    """A SentencePiece model; control pieces such as `</s>` are never produced from text."""
+    """A SentencePiece model; control pieces such as `</s>` or Baichuan's reserved ones are never produced from text."""
 
     def __init__(self, path: Path, pad: PadRule = None):
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=_without_reserved_matching(path))
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         if self.sp.eos_id() < 0:
             raise TokenizerError(f"{path} defines no eos piece")
