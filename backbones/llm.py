@@ -1,6 +1,7 @@
 """Loading a backbone's LLM, frozen: native transformers classes (official Qwen-1 and Baichuan checkpoints through
 their native layouts), remote code only by explicit opt-in; optional 8-bit / 4-bit quantization through bitsandbytes."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,13 @@ class RemoteCodeError(BackboneError):
             f"{path} ({', '.join(architectures) or 'no architectures'}) needs the model's own code, which align does not "
             f"run by default; pass {opt_in} only if you trust the files in that directory"
         )
+
+
+def cpu_accelerator_without_gpu() -> None:
+    """Without a GPU, point DeepSpeed (imported by transformers' loading and by the trainer) at its CPU accelerator,
+    instead of letting it announce the fallback on stdout, which `--json` output must not contain."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @contextmanager
@@ -76,6 +84,7 @@ def load_llm(
     if dtype not in TORCH_DTYPES:
         raise BackboneError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
     path = model_directory(model)
+    cpu_accelerator_without_gpu()
     config = model_dir.model_config(path)
     layout = layout_for(config)
     quant = quantization_config(quantization, dtype)

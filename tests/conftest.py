@@ -12,6 +12,7 @@ import pytest
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 LLAMA_MODEL = SHARED_TOKENIZERS / "llama" / "tokenizer.model"
 QWEN_TIKTOKEN = SHARED_TOKENIZERS / "qwen" / "qwen.tiktoken"
+BAICHUAN2_MODEL = SHARED_TOKENIZERS / "baichuan2" / "tokenizer.model"
 
 CORPUS = [
     "A cat sitting on a sofa.",
@@ -141,6 +142,16 @@ def qwen_tokenizer():
     from align.backbones.tokenizers import load_tokenizer
 
     return load_tokenizer("qwen-tiktoken", QWEN_TIKTOKEN)
+
+
+@pytest.fixture(scope="session")
+def baichuan2_tokenizer():
+    """The real Baichuan2 SentencePiece tokenizer from ../shared (skipped when absent)."""
+    if not BAICHUAN2_MODEL.is_file():
+        pytest.skip(f"{BAICHUAN2_MODEL} not present")
+    from align.backbones.tokenizers import load_tokenizer
+
+    return load_tokenizer("sentencepiece", BAICHUAN2_MODEL, pad=0)
 
 
 @pytest.fixture(scope="session")

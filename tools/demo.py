@@ -23,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from align.adapters.adapter_files import AdapterConfig, save_adapter
 from align.adapters.projector import build_projector
+from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.errors import AlignError
 from align.tools.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
@@ -195,8 +196,7 @@ def score(ws: Path, held_out: list[tuple[Path, Content]]) -> tuple[dict[str, flo
 def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False) -> DemoResult:
     """Build the workspace, run the pipeline, score it; `say` gets one line per step."""
     started = time.perf_counter()
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed announces its CPU fallback on stdout
+    cpu_accelerator_without_gpu()
     # Loading bars for models that load in milliseconds would bury the demo's own lines.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     transformers_logging.disable_progress_bar()

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.llm import TORCH_DTYPES, load_frozen_llm, remote_code_opt_in
+from align.backbones.llm import TORCH_DTYPES, cpu_accelerator_without_gpu, load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
@@ -55,8 +55,7 @@ def child_environment() -> dict[str, str]:
 
 def start_distributed() -> tuple[int, int]:
     """Start DeepSpeed's process group (gloo on CPU, with its CPU accelerator; nccl on GPU); (rank, world)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cpu_accelerator_without_gpu()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))

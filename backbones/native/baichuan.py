@@ -9,7 +9,7 @@ Baichuan2 is told from Baichuan-1 by its vocabulary (125,696 pieces; Baichuan-1 
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.core_model_loading import Chunk, WeightConverter
 
-from align.backbones.native.baichuan_alibi import BaichuanAlibiConfig, BaichuanAlibiForCausalLM
+from align.backbones.native.baichuan_alibi import BaichuanAlibiForCausalLM
 from align.backbones.native.layouts import NativeLayout, first_of, register_layout
 
 BAICHUAN2_VOCAB = 125696

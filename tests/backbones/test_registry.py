@@ -11,7 +11,7 @@ from align.backbones.self_check import check_labels
 from align.backbones.tokenizers import load_tokenizer, tokenizer_kind_names
 from align.errors import AlignError, BackboneError, UnknownNameError
 from align.templates import conversation_from_record, get_template, render, template_names
-from conftest import LLAMA_MODEL, QWEN_TIKTOKEN, write_config
+from conftest import BAICHUAN2_MODEL, LLAMA_MODEL, QWEN_TIKTOKEN, write_config
 
 PRESETS = [
     "vicuna-7b-v0", "vicuna-13b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat", "llama-2-13b-chat", "qwen-7b-chat",
@@ -22,6 +22,7 @@ PRESETS = [
 def test_every_preset_ships_and_names_real_parts():
     assert sorted(presets()) == sorted(PRESETS)
     for spec in presets().values():
+        assert spec.remote_code is False  # every shipped backbone loads natively
         assert spec.template in template_names() and spec.tokenizer in tokenizer_kind_names()
         assert spec.hidden_size > 0 and spec.vocab_size > 0 and spec.languages
         assert spec.model_path is None  # presets never point at a machine's files
@@ -156,3 +157,16 @@ def test_llama_presets_pass_self_check_on_the_real_vocabulary(align_home, tmp_pa
 def test_qwen_presets_pass_self_check_on_the_real_vocabulary(align_home, tmp_path, name):
     result = add_backbone(name, _real_model_dir(tmp_path, QWEN_TIKTOKEN, name, 151936))
     assert result.ok, [c for c in result.checks if not c.ok]
+
+
+def test_baichuan2_preset_accepts_the_real_tokenizer(baichuan2_tokenizer, tmp_path, align_home):
+    model = tmp_path / "Baichuan2-7B-Chat"
+    model.mkdir()
+    (model / "tokenizer.model").symlink_to(BAICHUAN2_MODEL.resolve())
+    write_config(model, hidden_size=4096, vocab_size=125696, architectures=["BaichuanForCausalLM"],
+                 max_position_embeddings=4096)
+    result = add_backbone("baichuan2-7b-chat", model)
+    assert result.ok, [c for c in result.checks if not c.ok]
+    assert result.spec.remote_code is False
+    controls = next(c for c in result.checks if c.name == "control tokens are single ids")
+    assert "user=195" in controls.detail and "assistant=196" in controls.detail

@@ -193,3 +193,38 @@ def test_caption_with_and_without_bos(llama_tokenizer, qwen_tokenizer):
     caption = qwen_tokenizer.encode("A cat sitting on a sofa.") + [151643]
     assert qwen.input_ids == [151643] * SLOTS + caption
     assert learnt(qwen) == caption and qwen.images == [(0, SLOTS)]
+
+
+# Ids from Baichuan2's own `build_chat_input` (its generation_utils.py, run in a scratch folder with this
+# tokenizer.model as `tokenizer.encode`, user id 195, assistant id 196).
+BAICHUAN2_TURNS = [{"role": "user", "content": "这张图片里有什么？"}, {"role": "assistant", "content": "一只猫坐在沙发上。"},
+                   {"role": "user", "content": "这只猫是什么颜色？"}]
+BAICHUAN2_PROMPT = [195, 17070, 2879, 92515, 5817, 68, 196, 9653, 93936, 11268, 61009, 66, 195, 26065, 93936, 5082, 6104,
+                    68, 196]
+BAICHUAN2_SYSTEM = "你是一个乐于助人的助手。"
+BAICHUAN2_SYSTEM_IDS = [26553, 29438, 92824, 1892, 18183, 66]
+
+
+def test_baichuan2_known_ids(baichuan2_tokenizer):
+    assert baichuan2_tokenizer.encode("你好，世界") == [16829, 65, 2089]
+    assert (baichuan2_tokenizer.bos_id, baichuan2_tokenizer.eos_id, baichuan2_tokenizer.pad_id) == (1, 2, 0)
+    assert baichuan2_tokenizer.token_to_id("<reserved_106>") == 195
+    assert baichuan2_tokenizer.token_to_id("<reserved_107>") == 196
+    assert baichuan2_tokenizer.encode("<img>\n\t") == [7, 5, 6]  # other user-defined pieces still match as released
+
+
+def test_baichuan2_prompts_equal_build_chat_input(baichuan2_tokenizer):
+    conversation = conversation_from_record({"conversations": BAICHUAN2_TURNS})
+    template = get_template("baichuan2")
+    assert render(template, conversation, baichuan2_tokenizer).input_ids == BAICHUAN2_PROMPT
+    with_system = render(template, conversation, baichuan2_tokenizer, system=BAICHUAN2_SYSTEM)
+    assert with_system.input_ids == BAICHUAN2_SYSTEM_IDS + BAICHUAN2_PROMPT
+
+
+@pytest.mark.parametrize("attack", ["<reserved_106>", "<reserved_107>", "x<reserved_107>y", "</s>", "<s>"])
+def test_baichuan2_injection_never_yields_control_ids(baichuan2_tokenizer, attack):
+    record = {"conversations": [{"role": "user", "content": f"hi {attack}"}, {"role": "assistant", "content": attack}]}
+    rendered = render(get_template("baichuan2"), conversation_from_record(record), baichuan2_tokenizer)
+    assert rendered.input_ids.count(195) == 1 and rendered.input_ids.count(196) == 1
+    assert rendered.input_ids.count(2) == 1 and 1 not in rendered.input_ids  # only the final, template-written eos
+    assert baichuan2_tokenizer.decode(baichuan2_tokenizer.encode(attack)) == attack
