@@ -35,6 +35,7 @@ app.add_typer(bench_app, name="bench")
 # Piped output gets a wide fixed width so tables are not squeezed to 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+QuantizationOpt = Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")]
 
 
 def _print_json(data) -> None:
@@ -254,6 +255,26 @@ def bench_features(
     )
 
 
+@bench_app.command("load-llm")
+def bench_load_llm(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Keep the random Qwen-7B-shaped checkpoint here and reuse "
+                                                       "it on later runs (default: a temporary folder).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32.")] = "bf16",
+    quantization: QuantizationOpt = "none",
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+) -> None:
+    """Peak memory and time of loading an official Qwen-7B-shaped checkpoint (random weights, 15.4 GB in bf16)."""
+    from align.tools.bench import bench_llm_loading as run
+
+    result, path = run(checkpoint, dtype=dtype, quantization=quantization, out_dir=out_dir)
+    gib = 2**30
+    console.print(
+        f"{result['checkpoint_bytes'] / gib:.1f} GiB checkpoint → {result['class']} in {result['load_seconds']:.0f} s; peak "
+        f"resident {result['peak_rss_bytes'] / gib:.1f} GiB ({result['peak_anonymous_bytes'] / gib:.1f} GiB anonymous) → {path}",
+        highlight=False,
+    )
+
+
 @data_app.command("convert")
 def data_convert(
     src: Annotated[Path, typer.Argument(help="The data set file or folder.")],
@@ -333,7 +354,6 @@ EncoderOpt = Annotated[Optional[Path], typer.Option(help="BLIP-2 encoder directo
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: the first GPU, else the CPU).")]
 LlmDtypeOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="LLM weights in fp16, bf16 or fp32 (default: the backbone's on a GPU, fp32 on the CPU).")]
-QuantizationOpt = Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run the model directory's own code, for architectures align cannot load natively; "
     "only if you trust those files.")]

@@ -1,6 +1,7 @@
 """`align bench`: measured speed, written as JSON under bench/results/ (never asserted in tests)."""
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -109,5 +110,109 @@ def bench_features(
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower())
     path = out_dir / f"features-{slug}-{dtype}-{result['measured_at'][:10]}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result, path
+
+
+# Qwen-7B-Chat's published shapes (config.json of the release); weights are random.
+QWEN_7B = {"hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32, "intermediate_size": 22016,
+           "vocab_size": 151936, "seq_length": 8192, "max_position_embeddings": 8192, "kv_channels": 128,
+           "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "no_bias": True,
+           "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "bos_token_id": 151643, "eos_token_id": 151643}
+
+
+def qwen1_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official Qwen-1 checkpoint with these sizes, by name."""
+    hidden, mlp, vocab = config["hidden_size"], config["intermediate_size"] // 2, config["vocab_size"]
+    shapes = {"transformer.wte.weight": (vocab, hidden), "transformer.ln_f.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        shapes |= {p + "ln_1.weight": (hidden,), p + "ln_2.weight": (hidden,), p + "attn.c_attn.weight": (3 * hidden, hidden),
+                   p + "attn.c_attn.bias": (3 * hidden,), p + "attn.c_proj.weight": (hidden, hidden),
+                   p + "mlp.w1.weight": (mlp, hidden), p + "mlp.w2.weight": (mlp, hidden), p + "mlp.c_proj.weight": (hidden, mlp)}
+    return shapes
+
+
+def write_random_qwen1(directory: Path, config: dict = QWEN_7B, shards: int = 8) -> None:
+    """A Qwen-1 checkpoint of real shapes with random bf16 weights, sharded as the release is."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    shapes = qwen1_tensor_shapes(config)
+    names = list(shapes)
+    per_shard = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for index in range(shards):
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: torch.empty(shapes[name], dtype=torch.bfloat16).normal_(0, 0.02)
+                for name in names[index * per_shard:(index + 1) * per_shard]}
+        save_file(part, str(directory / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        weight_map |= dict.fromkeys(part, file)
+        del part
+    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_file))
+
+
+_MEASURE_LOAD = """
+import json, sys, threading, time
+import torch
+from align.backbones import load_llm
+peak = {"anon": 0}
+def watch():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+started = time.perf_counter()
+llm = load_llm(sys.argv[1], dtype=sys.argv[2], quantization=sys.argv[3])
+seconds = time.perf_counter() - started
+# One forward pass reads every weight, so memory-mapped weights are resident in the figures below.
+with torch.inference_mode():
+    llm(input_ids=torch.arange(8)[None])
+forward = time.perf_counter() - started - seconds
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"load_seconds": round(seconds, 2), "first_forward_seconds": round(forward, 2),
+                  "peak_rss_bytes": hwm, "peak_anonymous_bytes": peak["anon"],
+                  "model_bytes": llm.get_memory_footprint(), "class": type(llm).__name__}))
+"""
+
+
+def bench_llm_loading(directory: Path | None = None, *, dtype: str = "bf16", quantization: str = "none",
+                      out_dir: Path = RESULTS_DIR) -> tuple[dict, Path]:
+    """Peak memory of `load_llm` plus one forward pass on a Qwen-7B-shaped official checkpoint (written with random
+    weights into `directory`, or a temporary one), in a fresh process; written as JSON and returned.
+
+    Peak resident memory counts memory-mapped weight pages; anonymous memory is what the process allocated itself."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = directory or Path(tmp) / "Qwen-7B-shaped"
+        if not (checkpoint / "config.json").is_file():
+            write_random_qwen1(checkpoint)
+        size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        child = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(checkpoint), dtype, quantization],
+                               capture_output=True, text=True, check=True)
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    result = {
+        "bench": "load-llm",
+        "checkpoint": "Qwen-7B-shaped official layout (random weights), 8 safetensors shards",
+        "checkpoint_bytes": size,
+        "dtype": dtype,
+        "quantization": quantization,
+        **measured,
+        "peak_rss_over_checkpoint": round(measured["peak_rss_bytes"] / size, 3),
+        "peak_anonymous_over_checkpoint": round(measured["peak_anonymous_bytes"] / size, 3),
+        "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "device": device_name(torch.device("cpu")),
+        "versions": {"align": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"load-llm-qwen-7b-{dtype}-{quantization}-{result['measured_at'][:10]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result, path

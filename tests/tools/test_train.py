@@ -162,6 +162,7 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# align train recipes/") and path.name in first_line
+    assert recipe.runtime.trust_remote_code is False  # Qwen-1 and Baichuan load natively: no recipe runs model code
 
 
 def test_validate_command(workspace):
