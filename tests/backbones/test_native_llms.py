@@ -136,12 +136,17 @@ def test_converted_directory_is_native_and_equal(checkpoints, tmp_path, align_ho
         convert_backbone(backbone, checkpoints[name], result.out)
 
 
-def test_convert_backbone_cli_converts_once(checkpoints, tmp_path, align_home):
+def test_convert_backbone_cli_converts_once_and_add_backbone_takes_the_result(tmp_path, align_home, qwen_model_dir):
+    torch.manual_seed(0)
+    official = write_checkpoint(tmp_path / "Qwen-official", qwen1_state(480), qwen1_config(480))
+    shutil.copy(qwen_model_dir / "qwen.tiktoken", official / "qwen.tiktoken")
     out = tmp_path / "Qwen-native"
-    first = run_align("convert-backbone", "qwen-7b-chat", "--model", checkpoints["qwen1-bin"], "--out", out, "--json",
+    first = run_align("convert-backbone", "qwen-7b-chat", "--model", official, "--out", out, "--json",
                       home=align_home, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["architecture"] == "Qwen2ForCausalLM"
+    assert json.loads(first.stdout)["architecture"] == "Qwen2ForCausalLM" and (out / "qwen.tiktoken").is_file()
+    for model in (official, out):
+        assert add_backbone("qwen-7b-chat", model, force=True).ok
     again = run_align("convert-backbone", "qwen-7b-chat", "--model", out, "--out", tmp_path / "twice",
                       home=align_home, timeout=300)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "already loads natively" in again.stderr

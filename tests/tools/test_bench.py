@@ -16,3 +16,20 @@ def test_bench_features_writes_a_result(tiny_blip2, tmp_path):
     data = json.loads(written.read_text())
     assert data["decode_images"] == 4 and data["decode_images_per_second"] > 0 and data["encode_images_per_second"] > 0
     assert data["device"].startswith("cpu") and data["versions"]["torch"]
+
+
+def test_bench_load_llm_measures_an_official_layout(tmp_path):
+    from align.tools.bench import QWEN_7B, write_random_qwen1
+
+    tiny = QWEN_7B | {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64,
+                      "vocab_size": 300, "kv_channels": 8}
+    write_random_qwen1(tmp_path / "qwen", tiny, shards=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "align", "bench", "load-llm", "--checkpoint", str(tmp_path / "qwen"),
+         "--dtype", "fp32", "--out-dir", str(tmp_path / "results")], capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    [written] = list((tmp_path / "results").glob("load-llm-qwen-7b-fp32-none-*.json"))
+    data = json.loads(written.read_text())
+    assert data["class"] == "Qwen1ForCausalLM" and data["model_bytes"] > 1.8 * data["checkpoint_bytes"]  # bf16 → fp32
+    assert data["peak_rss_bytes"] >= data["peak_anonymous_bytes"] > 0 and data["versions"]["transformers"]
