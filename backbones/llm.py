@@ -100,7 +100,7 @@ def load_llm(
         model_class, kwargs["trust_remote_code"] = AutoModelForCausalLM, trust_remote_code
     try:
         llm = model_class.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         raise BackboneError(f"cannot load the LLM from {path}: {exc}") from None
     if layout is not None and layout.norm_head(config):
         normalise_output_rows(llm)

@@ -22,13 +22,20 @@ class NativeLayout:
     weight_mapping: Callable[[], list] | None = None  # transformers WeightRenaming / WeightConverter list
     norm_head: Callable[[dict], bool] = field(default=lambda config: False)  # output rows are L2-normalised in use
 
+    def arguments(self, config: dict) -> dict:
+        """The native config's keyword arguments, or a one-line error naming the size config.json lacks."""
+        try:
+            return self.config(config)
+        except KeyError as exc:
+            raise BackboneError(f"config.json of this {self.name} checkpoint has no {exc}") from None
+
     def loading_config(self, config: dict) -> PretrainedConfig:
         """The config the loading class is built from."""
-        return self.loading_class.config_class(**self.config(config))
+        return self.loading_class.config_class(**self.arguments(config))
 
     def native_config(self, config: dict) -> PretrainedConfig:
         """The config a converted directory holds, naming the native class."""
-        native = self.native_class.config_class(**self.config(config))
+        native = self.native_class.config_class(**self.arguments(config))
         native.architectures = [self.native_class.__name__]
         return native
 
