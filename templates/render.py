@@ -115,7 +115,7 @@ def _assemble(
             if segment.supervised:
                 supervised_spans.append((pos, pos + len(piece)))
             pos += len(piece)
-        ids, offsets = tokenizer.encode_with_offsets(joined)
+        ids, offsets = tokenizer.encode_with_offsets(joined, continuation=bool(out.input_ids))
         start = len(out.input_ids)
         for token_id, (a, b) in zip(ids, offsets):
             # A token is learnt when any character it covers belongs to supervised text.

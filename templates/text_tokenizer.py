@@ -20,8 +20,12 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text; `<|im_end|>` or `</s>` in it never become control ids."""
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of ordinary text and, for each, the [start, end) character span it covers."""
+    def encode_with_offsets(self, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ordinary text and, for each, the [start, end) character span it covers.
+
+        `continuation`: the text follows earlier tokens (a control token, say) rather than starting the sequence,
+        which changes the leading-space handling of some tokenizers, as their own whole-string encoding does.
+        """
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids."""

@@ -42,8 +42,8 @@ class QwenTiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.enc.encode(self.normalize(text), allowed_special=set(), disallowed_special=())
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and character spans in the NFC-normalised text (equal to `text` when already normalised)."""
+    def encode_with_offsets(self, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character spans in the NFC-normalised text (byte-level: where the text starts changes nothing)."""
         ids = self.encode(text)
         decoded, starts = self.enc.decode_with_offsets(ids)
         ends = starts[1:] + [len(decoded)]

@@ -1,5 +1,6 @@
 """SentencePiece `tokenizer.model` files (LLaMA, Vicuna, Baichuan), read with the sentencepiece library."""
 
+import json
 import re
 from pathlib import Path
 
@@ -15,21 +16,36 @@ from align.errors import TokenizerError
 RESERVED_PIECE = re.compile(r"<reserved_\d+>")
 
 
-def _without_reserved_matching(path: Path) -> bytes:
+def _model_proto(path: Path) -> model_pb2.ModelProto:
     """The model file with every reserved user-defined piece turned into a control piece; nothing else changes."""
     proto = model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
     for piece in proto.pieces:
         if piece.type == model_pb2.ModelProto.SentencePiece.USER_DEFINED and RESERVED_PIECE.fullmatch(piece.piece):
             piece.type = model_pb2.ModelProto.SentencePiece.CONTROL
-    return proto.SerializeToString()
+    return proto
+
+
+def _is_legacy(path: Path) -> bool:
+    """HF's `legacy` flag from the tokenizer_config.json beside the model (absent: legacy, as HF defaults)."""
+    config = path.parent / "tokenizer_config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("legacy", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 class SentencePieceTokenizer:
     """A SentencePiece model; control pieces such as `</s>` or Baichuan's reserved ones are never produced from text."""
 
     def __init__(self, path: Path, pad: PadRule = None):
-        self.sp = sentencepiece.SentencePieceProcessor(model_proto=_without_reserved_matching(path))
+        proto = _model_proto(path)
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        # Non-legacy tokenizers (HF `legacy: false`) add no dummy prefix to text that follows a special token.
+        self._bare = None
+        if not _is_legacy(path) and proto.normalizer_spec.add_dummy_prefix:
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._bare = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         if self.sp.eos_id() < 0:
             raise TokenizerError(f"{path} defines no eos piece")
@@ -47,19 +63,20 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        proto = self.sp.encode(text, out_type="proto")
-        # SentencePiece reports byte offsets; spans are in characters.
-        char_at = [0] * (len(text.encode("utf-8")) + 1)
-        byte = 0
-        for index, char in enumerate(text):
-            width = len(char.encode("utf-8"))
-            for k in range(width):
-                char_at[byte + k] = index
-            byte += width
-        char_at[byte] = len(text)
-        ids = [piece.id for piece in proto.pieces]
-        return ids, [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
+    def encode_with_offsets(self, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        if continuation and self._bare is not None:
+            return self._encode_continuation(text)
+        return _with_char_offsets(self.sp, text)
+
+    def _encode_continuation(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """As HF's non-legacy LlamaTokenizer: no dummy prefix; a leading space is encoded after an <unk> and the
+        <unk> pieces dropped, so the space stays its own `▁` rather than merging differently."""
+        if not text.startswith(" "):
+            return _with_char_offsets(self._bare, text)
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        ids, offsets = _with_char_offsets(self._bare, unk + text)
+        skip = len(self._bare.encode(unk))
+        return ids[skip:], [(max(a - len(unk), 0), b - len(unk)) for a, b in offsets[skip:]]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -70,6 +87,20 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
+
+
+def _with_char_offsets(sp: sentencepiece.SentencePieceProcessor, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and [start, end) character spans (SentencePiece reports byte offsets)."""
+    proto = sp.encode(text, out_type="proto")
+    char_at = [0] * (len(text.encode("utf-8")) + 1)
+    byte = 0
+    for index, char in enumerate(text):
+        width = len(char.encode("utf-8"))
+        for k in range(width):
+            char_at[byte + k] = index
+        byte += width
+    char_at[byte] = len(text)
+    return [piece.id for piece in proto.pieces], [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
 
 
 register_tokenizer_kind(TokenizerKind("sentencepiece", "tokenizer.model", SentencePieceTokenizer))
