@@ -218,16 +218,19 @@ class HFChatTemplate(Template):
         return out
 
     def _check_prefix_stable(self, conversation: Conversation, system: str | None, whole: str) -> None:
-        """Every earlier reply must render as it would if it were the last: else the model learns another format."""
+        """Every earlier reply, up to its end token, must render as it would if it were the last: else the model
+        learns a format it never sees when it generates (what follows the end token may differ)."""
         for k, message in enumerate(conversation.messages[:-1]):
-            if message.role == ASSISTANT:
-                upto = conversation.truncated(k + 1)
-                alone = self.render_text([{"role": r, "content": c} for r, c in _turns(upto, system)], False)
-                if not whole.startswith(alone):
-                    raise TemplateError(
-                        f"the model's chat template renders reply {k} differently once later turns follow (not "
-                        "prefix-stable); give each such turn its own record"
-                    )
+            if message.role != ASSISTANT:
+                continue
+            pieces, _ = self._pieces(_turns(conversation.truncated(k + 1), system), False)
+            found = self._split.search(pieces[-1]) if self._split else None
+            alone = "".join(pieces[:-1]) + (pieces[-1][:found.end()] if found else "")
+            if not whole.startswith(alone):
+                raise TemplateError(
+                    f"the model's chat template renders reply {k} differently once later turns follow (not "
+                    "prefix-stable); give each such turn its own record"
+                )
 
     def check_system(self, system: str | None) -> None:
         """The template itself decides (its raise_exception refuses a system role it has none of)."""
