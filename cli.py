@@ -87,17 +87,10 @@ def backbones_list(as_json: JsonFlag = False) -> None:
 @backbones_app.command("show")
 def backbones_show(name: str, as_json: JsonFlag = False) -> None:
     """Show one backbone's full record and its template's stop rules."""
-    from align.backbones.registry import get_backbone
-    from align.templates import get_template
+    from align.backbones.registry import backbone_stop_rules, get_backbone
 
     spec = get_backbone(name)
-    template = get_template(spec.template)
-    data = {
-        **spec.model_dump(mode="json"),
-        "stop_controls": list(template.stop_controls),
-        "stop_strings": list(template.stop_strings),
-    }
-    _print_record(data, as_json)
+    _print_record({**spec.model_dump(mode="json"), **backbone_stop_rules(spec)}, as_json)
 
 
 @app.command("add-backbone")

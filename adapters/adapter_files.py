@@ -38,10 +38,12 @@ class AdapterConfig(BaseModel):
     step: int = 0
     align_version: str = __version__
 
-    def check_fits(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str,
+    def check_fits(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str | None = None,
                    num_query_tokens: int | None = None, encoder_fingerprint: str | None = None, where: str = "") -> None:
         """Refuse a backbone / store this adapter was not made for, naming both sides."""
-        wanted = {"backbone": backbone, "hidden_size": hidden_size, "vocab_size": vocab_size, "template": template}
+        wanted = {"backbone": backbone, "hidden_size": hidden_size, "vocab_size": vocab_size}
+        if template is not None:
+            wanted["template"] = template
         if num_query_tokens is not None:
             wanted["num_query_tokens"] = num_query_tokens
         if encoder_fingerprint is not None and self.encoder_fingerprint is not None:

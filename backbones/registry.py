@@ -18,7 +18,8 @@ from align.backbones.self_check import Check, self_check
 from align.backbones.spec import NAME_PATTERN, BackboneSpec
 from align.backbones.tokenizers import detect_tokenizer_kind, load_tokenizer, tokenizer_kind
 from align.errors import BackboneError, DuplicateNameError, UnknownNameError
-from align.templates import detect_template, get_template
+from align.backbones.chat_templates import model_chat_template, template_for, template_sha256
+from align.templates import HF_CHAT, check_template_name, get_template
 from align.templates.text_tokenizer import TextTokenizer
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -110,6 +111,17 @@ def backbone_tokenizer(spec: BackboneSpec, model: Path | None = None) -> TextTok
     return load_tokenizer(spec.tokenizer, model_dir.check_model_dir(Path(path)), spec.pad)
 
 
+def backbone_stop_rules(spec: BackboneSpec) -> dict[str, list[str]]:
+    """What ends a reply: the template's stop controls and strings (hf-chat: read from the added model's own)."""
+    if spec.template == HF_CHAT:
+        if spec.model_path is None:
+            return {"stop_controls": ["from the model's chat template, once added"], "stop_strings": []}
+        template = template_for(spec, backbone_tokenizer(spec))
+    else:
+        template = get_template(spec.template)
+    return {"stop_controls": list(template.stop_controls), "stop_strings": list(template.stop_strings)}
+
+
 @dataclass(frozen=True)
 class AddResult:
     """What `add_backbone` accepted (or refused) and the checks that decided it."""
@@ -141,10 +153,8 @@ def _spec_for_new(name: str, path: Path, template: str | None, tokenizer: str | 
     config = model_dir.llm_config(path)
     hidden, vocab = model_dir.sizes(config, path)
     if template is None:
-        found = model_dir.chat_template(path)
-        if found is None:
-            raise BackboneError(f"{path} has no chat_template to detect the format from; pass --template")
-        template = detect_template(found)
+        model_chat_template(path)  # a model without one must name a hand-written template
+        template = HF_CHAT
     return BackboneSpec(
         name=name,
         description=f"{config.get('model_type', 'LLM')} from {path}",
@@ -183,7 +193,7 @@ def add_backbone(
     if name in user_entries() and not force:
         raise BackboneError(f"backbone '{name}' is already added; pass --force to replace it")
     if template:
-        get_template(template)
+        check_template_name(template)
     if tokenizer:
         tokenizer_kind(tokenizer)
     preset = presets().get(name)
@@ -195,6 +205,8 @@ def add_backbone(
     else:
         spec = _spec_for_new(name, path, template, tokenizer)
     spec = spec.added(model_path=str(path))
+    if spec.template == HF_CHAT:  # record which template the checks ran on, so a later change is noticed
+        spec = spec.model_copy(update={"chat_template_sha256": template_sha256(model_chat_template(path))})
     checks = self_check(spec, backbone_tokenizer(spec))
     if not all(check.ok for check in checks):
         return AddResult(spec, checks, None)

@@ -2,14 +2,17 @@
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
+from align.backbones.chat_templates import template_for
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
 from align.templates import (
+    HF_CHAT,
     IGNORE_INDEX,
     Rendered,
     Template,
     conversation_from_record,
-    get_template,
     render,
     resolve_controls,
 )
@@ -92,10 +95,52 @@ def check_vocab(spec: BackboneSpec, template: Template, tokenizer: TextTokenizer
     return f"highest id {highest} < {spec.vocab_size} embedding rows"
 
 
+# Text-only conversations (the model's own template knows nothing of image slots) for the comparison with
+# transformers' apply_chat_template: a prompt, a reply, a system prompt, and two turns.
+REFERENCE_TURNS = [
+    [("user", "What is in this image?")],
+    [("user", "What is in this image?"), ("assistant", "A cat sitting on a sofa.")],
+    [("system", "You describe pictures."), ("user", "What is in this image?")],
+    [("user", "What is in this image?"), ("assistant", "A cat."), ("user", "What color is it?"),
+     ("assistant", "Orange.")],
+]
+
+
+def check_against_apply_chat_template(template: Template, tokenizer: TextTokenizer, model: Path) -> str:
+    """The model's own template, rendered by align, gives the ids `tokenizer.apply_chat_template` gives."""
+    from transformers import PreTrainedTokenizerFast
+
+    reference = PreTrainedTokenizerFast.from_pretrained(str(model))
+    compared = 0
+    for turns in REFERENCE_TURNS:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        record = {"conversations": [m for m in messages if m["role"] != "system"]}
+        record |= {"system": messages[0]["content"]} if messages[0]["role"] == "system" else {}
+        try:
+            ours = render(template, conversation_from_record(record), tokenizer).input_ids
+        except AlignError as exc:
+            if "refuses this conversation" in str(exc):
+                continue  # e.g. no system role: the template says so itself
+            raise
+        prompt = turns[-1][0] == "user"
+        theirs = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt,
+                                               return_dict=True)["input_ids"]
+        if ours != list(theirs):
+            raise AlignError(f"for {[r for r, _ in turns]} align renders {len(ours)} ids that differ from "
+                             f"apply_chat_template's {len(theirs)}")
+        compared += 1
+    if not compared:
+        raise AlignError("the chat template refused every sample conversation")
+    return f"{compared} conversations, id for id"
+
+
 def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
     """Run every check; each failure is reported, none raised."""
-    template = get_template(spec.template)
     results: list[Check] = [Check("tokenizer loads", True, f"{spec.tokenizer}, {tokenizer.vocab_size} ids")]
+    try:
+        template = template_for(spec, tokenizer)
+    except AlignError as exc:
+        return results + [Check("chat template loads", False, str(exc))]
 
     def run(name, fn, *args, describe=str):
         try:
@@ -124,5 +169,8 @@ def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
             continue
         run("labels cover exactly the replies and their end tokens", check_labels, template, tokenizer, rendered, replies)
         run("decoded text round-trips", check_round_trip, tokenizer, rendered)
+    if spec.template == HF_CHAT and spec.tokenizer == "hf" and spec.model_path:
+        run("equals the model's own apply_chat_template", check_against_apply_chat_template, template, tokenizer,
+            Path(spec.model_path))
     run("embedding matrix covers every id", check_vocab, spec, template, tokenizer)
     return results

@@ -12,6 +12,7 @@ class Caption(Template):
     name = "caption"
     description = "Stage-1 captions: [bos] image slots, caption, eos (no prompt)"
     supports_system = False
+    chat = False
     image_open = image_close = ""
 
     def sample_record(self) -> dict:

@@ -24,9 +24,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from align.errors import TemplateError
 from align.templates.conversation import ASSISTANT, USER, Conversation, ImageItem, Message
 from align.templates.segments import Control, Image, Segment, Text
-from align.templates.template import Template
+from align.templates.template import HF_CHAT, Template
 
-HF_CHAT = "hf-chat"
 # Private-use characters: no template trims, splits or tests on them, and no data set holds them.
 _CONTENT = "\ue000{}\ue001"
 _IMAGE = "\ue002{}\ue003"

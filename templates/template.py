@@ -7,6 +7,8 @@ from align.errors import DuplicateNameError, TemplateError, UnknownNameError
 from align.templates.conversation import Conversation, ImageItem, Message
 from align.templates.segments import Image, Segment, Text
 
+# The template kind that renders with a model's own chat template (one instance per model: see `hf_chat`).
+HF_CHAT = "hf-chat"
 # The MiniGPT-4 / MiniGPT4Qwen wrapper around an image's slots.
 IMAGE_OPEN, IMAGE_CLOSE = "<Img>", "</Img>"
 
@@ -44,6 +46,8 @@ class Template:
     # Substrings that identify this format in an HF tokenizer_config.json `chat_template`.
     chat_template_markers: ClassVar[tuple[str, ...]] = ()
     image_open: ClassVar[str] = IMAGE_OPEN
+    # False for a format with no user text (stage-1 captions): chat then uses the backbone's chat template.
+    chat: ClassVar[bool] = True
     image_close: ClassVar[str] = IMAGE_CLOSE
 
     def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
@@ -98,6 +102,12 @@ def get_template(name: str) -> Template:
         return _TEMPLATES[name]
     except KeyError:
         raise UnknownNameError("template", name, _TEMPLATES) from None
+
+
+def check_template_name(name: str) -> None:
+    """Refuse a name that is neither a registered template nor `hf-chat` (the model's own, resolved per backbone)."""
+    if name != HF_CHAT and name not in _TEMPLATES:
+        raise UnknownNameError("template", name, [*_TEMPLATES, HF_CHAT])
 
 
 def template_names() -> list[str]:

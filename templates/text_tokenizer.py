@@ -35,3 +35,9 @@ class TextTokenizer(Protocol):
 
     def id_to_token(self, token_id: int) -> str:
         """The token string of an id."""
+
+    def special_tokens(self) -> list:
+        """The special tokens (`SpecialToken`s) a model's own chat template may write as control tokens."""
+
+    def template_variables(self) -> dict[str, object]:
+        """What transformers passes to chat templates besides the messages (`bos_token`, `eos_token`, …)."""

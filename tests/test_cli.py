@@ -59,10 +59,10 @@ def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_mo
     assert "image 0" in table.stdout and "'<|im_start|>'" in table.stdout
 
 
-def test_add_new_backbone_by_detected_template(align_home, hf_chatml_dir):
+def test_add_new_backbone_with_its_own_chat_template(align_home, hf_chatml_dir):
     result = run_align("add-backbone", "tiny-chatml", "--model", hf_chatml_dir, home=align_home)
     assert result.returncode == 0, result.stderr
-    assert "template chatml" in result.stdout
+    assert "template hf-chat" in result.stdout and "ok   equals the model's own apply_chat_template" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Blip2Config, Qwen2Config, Qwen2ForCausalLM
 
 from align.backbones.spec import BackboneSpec
+from align.backbones.chat_templates import template_for
 from align.templates import IGNORE_INDEX, conversation_from_record, get_template, render
 from align.templates.conversation import conversation_from_turns
 from align.templates.text_tokenizer import TextTokenizer
@@ -82,7 +83,7 @@ def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec,
         template = get_template("caption")
         chat = conversation_from_record({"image": "image", "caption": caption(content, rng)})
     else:
-        template = get_template(spec.template)
+        template = template_for(spec, tokenizer)
         chat = conversation_from_turns(conversation(content, rng, turns=rng.choice((1, 2))), with_image=True)
     rendered = render(template, chat, tokenizer, system=spec.system, num_query_tokens=QUERIES)
     slots = [False] * len(rendered.input_ids)

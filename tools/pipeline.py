@@ -18,10 +18,11 @@ from PIL import Image
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
+from align.backbones.chat_templates import template_for
 from align.backbones.llm import load_frozen_llm
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.errors import AlignError
-from align.templates import Rendered, get_template, render, stop_ids
+from align.templates import Rendered, Template, render, resolve_controls, stop_ids
 from align.templates.conversation import conversation_from_turns
 from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
 from align.tools.extract import encode
@@ -53,13 +54,28 @@ def read_image(image: ImageInput) -> Image.Image:
         raise AlignError(f"cannot read image {path}: {exc}") from None
 
 
+def inference_template(adapter: AdapterConfig, spec, tokenizer, model: Path | None, where: str) -> Template:
+    """The template the adapter was trained with; a caption-only stage chats in the backbone's own (as MiniGPT-4
+    does). An adapter whose template the backbone's tokenizer cannot write is refused, naming both."""
+    template = template_for(spec, tokenizer, name=adapter.template, model=model)
+    if not template.chat:
+        template = template_for(spec, tokenizer, model=model)
+    try:
+        resolve_controls(template, tokenizer)
+    except AlignError as exc:
+        raise AdapterError(f"adapter {where} was trained with template '{adapter.template}', which backbone "
+                           f"'{spec.name}' (template '{spec.template}') cannot write: {exc}") from None
+    return template
+
+
 class Pipeline:
     """A trained projector between a frozen encoder and a frozen LLM, in the backbone's own chat template."""
 
-    def __init__(self, adapter: AdapterConfig, model: VisionLLM, tokenizer, encoder: Encoder | None, spec, device):
+    def __init__(self, adapter: AdapterConfig, model: VisionLLM, tokenizer, encoder: Encoder | None, spec, device,
+                 template: Template):
         self.adapter, self.model, self.tokenizer, self.encoder, self.spec = adapter, model, tokenizer, encoder, spec
         self.device = device
-        self.template = get_template(spec.template)
+        self.template = template
         self.stops = Stops(tuple(stop_ids(self.template, tokenizer)), self.template.stop_strings)
         self.max_positions = getattr(model.llm.config, "max_position_embeddings", None)
 
@@ -72,11 +88,11 @@ class Pipeline:
         """Load an adapter directory, its backbone's LLM (`model`, else the registered path) and the encoder."""
         config, state = load_adapter(Path(adapter))
         spec = get_backbone(backbone or config.backbone)
-        config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size,
-                          template=config.template, where=str(adapter))
+        config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, where=str(adapter))
         device = torch.device(device) if device is not None else default_device()
         model = Path(model) if model else None
         tokenizer = backbone_tokenizer(spec, model)
+        template = inference_template(config, spec, tokenizer, model, str(adapter))
         llm = load_frozen_llm(spec, model, dtype=dtype or ("fp32" if device.type == "cpu" else spec.dtype),
                               quantization=quantization, trust_remote_code=trust_remote_code, device=device)
         projector = build_projector(config.projector, config.in_features, config.out_features)
@@ -88,7 +104,7 @@ class Pipeline:
         loaded = load_encoder(encoder).to(device, default_compute_dtype(device)) if encoder is not None else None
         if loaded is not None:
             _check_encoder(config, loaded, str(adapter))
-        return cls(config, vision_llm, tokenizer, loaded, spec, device)
+        return cls(config, vision_llm, tokenizer, loaded, spec, device, template)
 
     # -- features -----------------------------------------------------------------------------------------------------
 

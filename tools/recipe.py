@@ -189,7 +189,7 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
 def check_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     """Validate a recipe and what it points at (backbone, feature store, manifests), reporting every problem."""
     from align.backbones.registry import get_backbone
-    from align.templates import get_template
+    from align.templates import check_template_name
     from align.tools.feature_store import FeatureStore
 
     recipe = load_recipe(path, overrides)
@@ -202,7 +202,7 @@ def check_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     for stage in recipe.stages:
         if stage.template:
             try:
-                get_template(stage.template)
+                check_template_name(stage.template)
             except AlignError as exc:
                 problems.append(f"stage {stage.name}: {exc}")
         problems += [f"stage {stage.name}: manifest {d.manifest} does not exist" for d in stage.data if not d.manifest.is_file()]

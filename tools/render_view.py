@@ -10,7 +10,8 @@ from rich.text import Text
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
-from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, get_template, render
+from align.backbones.chat_templates import template_for
+from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, render
 from align.templates.text_tokenizer import TextTokenizer
 
 SUPERVISED_STYLE, CONTROL_STYLE, IMAGE_STYLE = "bold green", "cyan", "magenta"
@@ -38,7 +39,8 @@ def render_file(
     spec = get_backbone(name)
     tokenizer = backbone_tokenizer(spec, model)
     record = conversation_from_record(read_record(conversation))
-    rendered = render(get_template(spec.template), record, tokenizer, system=spec.system, max_length=max_length)
+    template = template_for(spec, tokenizer, model=model)
+    rendered = render(template, record, tokenizer, system=spec.system, max_length=max_length)
     return spec, tokenizer, rendered
 
 
@@ -46,7 +48,7 @@ def _pieces(tokenizer: TextTokenizer, rendered: Rendered) -> list[tuple[str, str
     """(kind, surface text, position) for every token; text tokens show the exact characters they cover."""
     kinds: dict[int, tuple[str, str]] = {}
     for start, end, text in rendered.runs:
-        _, offsets = tokenizer.encode_with_offsets(text)
+        _, offsets = tokenizer.encode_with_offsets(text, continuation=start > 0)
         starts = [a for a, _ in offsets] + [len(text)]
         starts[0] = 0
         for k in range(end - start):

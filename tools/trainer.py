@@ -30,7 +30,7 @@ from align.backbones.llm import TORCH_DTYPES, cpu_accelerator_without_gpu, load_
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
-from align.templates import get_template
+from align.backbones.chat_templates import template_for
 from align.tools.feature_store import FeatureStore
 from align.tools.recipe import Recipe, Stage, load_recipe
 from align.tools.rejects import RejectLog
@@ -166,9 +166,8 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     adapter_dir = stage_dir / "adapter"
     if resume and (stage_dir / DONE).is_file():
         return adapter_dir
-    template_name = stage.template or run.spec.template
-    template = get_template(template_name)
     tokenizer = backbone_tokenizer(run.spec, run.recipe.backbone.model)
+    template = template_for(run.spec, tokenizer, name=stage.template, model=run.recipe.backbone.model)
     rejects = RejectLog(stage_dir / "rejects.jsonl") if run.main else None
     per_source = build_samples(
         [d.manifest for d in stage.data], run.store, template, tokenizer, system=run.spec.system,
@@ -188,7 +187,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
                          f"micro-batches of {stage.micro_batch_size} over {run.world} process(es)")
 
     torch.manual_seed(runtime.seed)
-    projector = initial_projector(run, stage, previous, template_name)
+    projector = initial_projector(run, stage, previous, template.name)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr.init_lr, weight_decay=stage.weight_decay)
     ds_config = {
         "train_batch_size": stage.global_batch_size,
@@ -221,7 +220,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
                                client_state={"step": step, "torch_rng": torch.get_rng_state()})
         state = _projector_state(engine, runtime.zero_stage)
         if run.main:
-            save_adapter(adapter_dir, adapter_config(run, stage, step, template_name), state)
+            save_adapter(adapter_dir, adapter_config(run, stage, step, template.name), state)
 
     metrics = (runtime.output_dir / "metrics.jsonl").open("a") if run.main else None
     amp = TORCH_DTYPES[runtime.precision] if runtime.precision != "fp32" else None

@@ -7,6 +7,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from align.backbones.tokenizers.registry import PadRule, TokenizerKind, register_tokenizer_kind, resolve_pad
+from align.templates.hf_chat import SpecialToken
 
 # From Qwen's tokenization_qwen.py: the pre-tokenizer pattern and the control tokens after the last rank.
 QWEN_PATTERN = (
@@ -51,6 +52,14 @@ class QwenTiktokenTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
+
+    def special_tokens(self) -> list[SpecialToken]:
+        """Qwen's control tokens (all of them special)."""
+        return [SpecialToken(token) for token in self.controls]
+
+    def template_variables(self) -> dict[str, object]:
+        """What a chat template may name: Qwen's tokenizer defines only its end-of-text token."""
+        return {"eos_token": ENDOFTEXT}
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.controls:

@@ -9,6 +9,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from align.backbones.tokenizers.registry import PadRule, TokenizerKind, register_tokenizer_kind, resolve_pad
 from align.errors import TokenizerError
+from align.templates.hf_chat import SpecialToken
 
 
 # Reserved pieces (Baichuan's `<reserved_106>` = user, `<reserved_107>` = assistant) are stored as USER_DEFINED, which
@@ -87,6 +88,17 @@ class SentencePieceTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
+
+    def special_tokens(self) -> list[SpecialToken]:
+        """The control pieces (`<s>`, `</s>`, Baichuan's reserved ones) and `<unk>`."""
+        return [SpecialToken(self.sp.id_to_piece(i)) for i in range(self.vocab_size)
+                if self.sp.is_control(i) or self.sp.is_unknown(i)]
+
+    def template_variables(self) -> dict[str, object]:
+        """The special-token strings a chat template may name (`bos_token`, `eos_token`, `unk_token`)."""
+        names = {"bos_token": self.sp.bos_id(), "eos_token": self.sp.eos_id(), "unk_token": self.sp.unk_id(),
+                 "pad_token": self.sp.pad_id()}
+        return {name: self.sp.id_to_piece(i) for name, i in names.items() if i >= 0}
 
 
 def _with_char_offsets(sp: sentencepiece.SentencePieceProcessor, text: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -1,5 +1,6 @@
 """The backbone registry: shipped presets, add-backbone with its self-check, and the user registry."""
 
+import hashlib
 import json
 import shutil
 
@@ -11,7 +12,7 @@ from align.backbones.self_check import check_labels
 from align.backbones.tokenizers import load_tokenizer, tokenizer_kind_names
 from align.errors import AlignError, BackboneError, UnknownNameError
 from align.templates import conversation_from_record, get_template, render, template_names
-from conftest import BAICHUAN2_MODEL, LLAMA_MODEL, QWEN_TIKTOKEN, write_config
+from conftest import BAICHUAN2_MODEL, CHATML_JINJA, LLAMA_MODEL, QWEN_TIKTOKEN, write_config
 
 PRESETS = [
     "vicuna-7b-v0", "vicuna-13b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat", "llama-2-13b-chat", "qwen-7b-chat",
@@ -46,11 +47,15 @@ def test_add_preset_with_local_model(align_home, qwen_model_dir):
     assert not rows["qwen-14b-chat"].is_added
 
 
-def test_add_new_llm_detects_template_and_sizes(align_home, hf_chatml_dir):
+def test_add_new_llm_uses_its_own_chat_template_and_sizes(align_home, hf_chatml_dir):
     result = add_backbone("tiny-chatml", hf_chatml_dir)
     assert result.ok, result.checks
     spec = get_backbone("tiny-chatml")
-    assert (spec.template, spec.tokenizer, spec.hidden_size, spec.vocab_size) == ("chatml", "hf", 48, 512)
+    assert (spec.template, spec.tokenizer, spec.hidden_size, spec.vocab_size) == ("hf-chat", "hf", 48, 512)
+    assert spec.chat_template_sha256 == hashlib.sha256(CHATML_JINJA.encode()).hexdigest()
+    compared = next(c for c in result.checks if c.name == "equals the model's own apply_chat_template")
+    assert compared.ok and compared.detail == "4 conversations, id for id"
+    assert add_backbone("tiny-chatml-v", hf_chatml_dir, template="chatml").spec.template == "chatml"  # --template wins
     assert spec.remote_code is False and spec.dtype == "bf16" and spec.quantization == "none"
     names = [check.name for check in result.checks]
     assert names[:3] == ["tokenizer loads", "control tokens are single ids", "sample conversation renders"]

@@ -117,10 +117,10 @@ def test_quantized_llm_paths_run(workspace, quantization):
     assert torch.isfinite(adapter_weights(outcome.adapters[-1])["weight"]).all()
 
 
-def test_qwen2_architecture_with_chatml(workspace):
+def test_qwen2_architecture_with_its_own_chat_template(workspace):
     sets = workspace["sets"] + ["backbone.name=tiny-qwen2", "stages.caption.epochs=1", "stages.chat.epochs=1"]
     outcome = train(workspace["recipe"], overrides=sets, show_progress=False)
-    assert load_adapter(outcome.adapters[-1])[0].template == "chatml"
+    assert load_adapter(outcome.adapters[-1])[0].template == "hf-chat"  # tiny-qwen2 was added with its chat_template
 
 
 def test_two_processes_end_with_the_same_adapter_as_one(workspace):
