@@ -135,15 +135,26 @@ def convert_backbone(
 @app.command("render")
 def render(
     name: Annotated[str, typer.Argument(help="Backbone name.")],
-    conversation: Annotated[Path, typer.Option(help="A JSON file holding one conversation record.")],
+    conversation: Annotated[Optional[Path], typer.Option(help="A JSON file holding one conversation record.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="A manifest (JSON Lines): render every record, then a summary.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the added backbone's).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate to this many tokens (whole turns).")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="One row per token instead of the text view.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show what the model sees: ids, learnt tokens and image slots for one conversation."""
-    from align.tools.render_view import readable, render_file, token_table
+    """Show what the model sees: ids, learnt tokens and image slots for one conversation, or a whole manifest."""
+    from align.tools.render_view import readable, render_file, render_manifest, token_table
 
+    if (conversation is None) == (manifest is None):
+        raise AlignError("give --conversation FILE or --manifest M.jsonl")
+    if manifest is not None:
+        emit = (lambda row: print(json.dumps(row), flush=True)) if as_json else None
+        summary = render_manifest(name, manifest, model, max_length, emit)
+        if as_json:
+            print(json.dumps({"summary": summary}))
+        else:
+            _print_record(summary, as_json=False)
+        return
     spec, tokenizer, rendered = render_file(name, conversation, model, max_length)
     if as_json:
         _print_json(rendered.as_json())

@@ -108,3 +108,25 @@ def test_bad_conversation_file_is_one_line(align_home, qwen_model_dir, tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: message 0: expected a user turn, got assistant (turns must alternate, user first)"
     )
+
+
+def test_render_a_whole_manifest(align_home, qwen_model_dir, tmp_path):
+    assert run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home).returncode == 0
+    manifest = tmp_path / "data.jsonl"
+    lines = [json.dumps(CONVERSATION), "{not json", json.dumps({"conversations": [{"from": "human", "value": "hi"}]}),
+             json.dumps({"conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "cat"}],
+                         "image": "a.jpg"})]
+    manifest.write_text("\n".join(lines) + "\n")
+    result = run_align("render", "qwen-7b-chat", "--manifest", manifest, "--json", home=align_home)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row.get("line") for row in rows[:-1]] == [1, 2, 3, 4]
+    assert set(rows[3]) == {"line", "input_ids", "labels", "images"}
+    assert "nothing to learn" in rows[0]["reject"] and "malformed" in rows[1]["reject"]  # a prompt is no sample
+    summary = rows[-1]["summary"]
+    assert (summary["records"], summary["samples"]) == (4, 1) and sum(summary["rejects"].values()) == 3
+    assert summary["supervised_tokens"] > 0 and summary["length"]["max"] >= summary["length"]["p50"] > 0
+    text = run_align("render", "qwen-7b-chat", "--manifest", manifest, home=align_home)
+    assert text.returncode == 0 and "supervised_tokens" in text.stdout
+    both = run_align("render", "qwen-7b-chat", "--manifest", manifest, "--conversation", manifest, home=align_home)
+    assert both.returncode == 2 and both.stderr.startswith("error: ")

@@ -1,18 +1,24 @@
 """`align render`: show exactly what a backbone's LLM is trained on or asked, token by token."""
 
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from align.backbones.chat_templates import template_for
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
-from align.backbones.chat_templates import template_for
 from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, render
 from align.templates.text_tokenizer import TextTokenizer
+from align.tools.manifest import read_manifest
+from align.tools.training_data import training_conversation
 
 SUPERVISED_STYLE, CONTROL_STYLE, IMAGE_STYLE = "bold green", "cyan", "magenta"
 
@@ -42,6 +48,50 @@ def render_file(
     template = template_for(spec, tokenizer, model=model)
     rendered = render(template, record, tokenizer, system=spec.system, max_length=max_length)
     return spec, tokenizer, rendered
+
+
+def render_manifest(
+    name: str, manifest: Path, model: Path | None = None, max_length: int | None = None,
+    emit: Callable[[dict], None] | None = None,
+) -> dict:
+    """Render every record of a manifest as training would; `emit` gets `{"line", "input_ids", "labels", "images"}`
+    or `{"line", "reject"}` per record. Returns the summary: counts, supervised tokens, lengths, rejects by reason."""
+    spec = get_backbone(name)
+    tokenizer = backbone_tokenizer(spec, model)
+    template = template_for(spec, tokenizer, model=model)
+    lengths: list[int] = []
+    supervised = 0
+    reasons: Counter[str] = Counter()
+
+    def reject(line: int, reason: str) -> None:
+        reasons[reason.split(":")[0]] += 1
+        if emit:
+            emit({"line": line, "reject": reason})
+
+    class MalformedLines:  # read_manifest reports lines that are not JSON objects here
+        def add(self, source: str, reason: str) -> None:
+            reject(int(source.rsplit(":", 1)[1]), reason)
+
+    for item in read_manifest(manifest, MalformedLines()):
+        try:
+            rendered = render(template, training_conversation(item.record), tokenizer, system=spec.system,
+                              max_length=max_length)
+        except AlignError as exc:
+            reject(item.line, str(exc))
+            continue
+        lengths.append(len(rendered.input_ids))
+        supervised += sum(label != IGNORE_INDEX for label in rendered.labels)
+        if emit:
+            emit({"line": item.line, "input_ids": rendered.input_ids, "labels": rendered.labels,
+                  "images": [list(span) for span in rendered.images]})
+    percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} if lengths else {}
+    return {
+        "records": len(lengths) + sum(reasons.values()),
+        "samples": len(lengths),
+        "supervised_tokens": supervised,
+        "length": {**percentiles, "max": max(lengths, default=0)},
+        "rejects": dict(reasons.most_common()),
+    }
 
 
 def _pieces(tokenizer: TextTokenizer, rendered: Rendered) -> list[tuple[str, str, int]]:

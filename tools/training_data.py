@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from align.errors import AlignError
-from align.templates import IGNORE_INDEX, Template, conversation_from_record, render
+from align.templates import IGNORE_INDEX, Conversation, Template, conversation_from_record, render
 from align.templates.conversation import IMAGE_MARKER
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.feature_store import FeatureStore
@@ -39,6 +39,14 @@ def prompted(record: dict, prompts: list[str] | None, rng: random.Random) -> dic
         {"from": "human", "value": prompt}, {"from": "gpt", "value": record["caption"]}]}
 
 
+def training_conversation(record: dict) -> Conversation:
+    """A record as a training conversation; one that ends with a user turn has no reply to learn."""
+    conversation = conversation_from_record(record)
+    if conversation.ends_with_user:
+        raise AlignError("nothing to learn: the conversation ends with a user turn, not a reply")
+    return conversation
+
+
 def build_samples(
     manifests: list[Path], store: FeatureStore, template: Template, tokenizer: TextTokenizer, *,
     system: str | None, max_length: int, prompts: list[str] | None, seed: int, rejects: RejectLog | None,
@@ -59,7 +67,7 @@ def build_samples(
                     if key is None:
                         raise AlignError(f"image {ref} is not in the feature store")
                     keys.append(key)
-                rendered = render(template, conversation_from_record(record), tokenizer, system=system,
+                rendered = render(template, training_conversation(record), tokenizer, system=system,
                                   num_query_tokens=num_queries, max_length=max_length)
             except AlignError as exc:
                 if rejects is not None:

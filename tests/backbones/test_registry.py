@@ -175,3 +175,25 @@ def test_baichuan2_preset_accepts_the_real_tokenizer(baichuan2_tokenizer, tmp_pa
     assert result.spec.remote_code is False
     controls = next(c for c in result.checks if c.name == "control tokens are single ids")
     assert "user=195" in controls.detail and "assistant=196" in controls.detail
+
+
+def test_qwen25_preset_renders_with_the_models_own_template_and_notices_a_change(align_home, tmp_path):
+    from align.backbones.chat_templates import template_for
+    from align.backbones.registry import backbone_tokenizer
+    from hf_tokenizers import save_template
+
+    model = save_template(tmp_path / "Qwen2.5-7B-Instruct", "qwen2.5-instruct")
+    write_config(model, hidden_size=3584, vocab_size=600, architectures=["Qwen2ForCausalLM"])
+    result = add_backbone("qwen2.5-7b-instruct", model)
+    assert result.ok, [c for c in result.checks if not c.ok]
+    spec = get_backbone("qwen2.5-7b-instruct")
+    assert spec.template == "hf-chat" and spec.system is None
+    tokenizer = backbone_tokenizer(spec)
+    prompt = render(template_for(spec, tokenizer), conversation_from_record({"conversations": [
+        {"role": "user", "content": "Hi"}]}), tokenizer)
+    assert "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." in prompt.text
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("You are Qwen", "You are Bob")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="changed since backbone 'qwen2.5-7b-instruct' was checked"):
+        template_for(spec, tokenizer)
