@@ -2,7 +2,7 @@
 
 from align.errors import TemplateError
 from align.templates.conversation import USER, Conversation, ImageItem
-from align.templates.segments import Control, Image, Segment
+from align.templates.segments import Control, Image, Segment, Text
 from align.templates.template import Template, register_template
 
 
@@ -29,8 +29,25 @@ class Caption(Template):
                 out += [Image(item.index, message=i) for item in message.content if isinstance(item, ImageItem)]
             else:
                 out += self.content(message, i)
-                out.append(Control("eos", supervised=message.supervised, message=i))
+                out += self.end(message.supervised, i)
         return out
+
+    def end(self, supervised: bool, index: int) -> list[Segment]:
+        """What ends a caption (learnt with it)."""
+        return [Control("eos", supervised=supervised, message=index)]
+
+
+class MiniGPT4Caption(Caption):
+    """MiniGPT-4 stage 1: `[bos] slots caption\n` — the caption ends with its end symbol `\n`, learnt, not eos."""
+
+    name = "minigpt4-caption"
+    description = "MiniGPT-4 stage-1 captions: [bos] image slots, caption + \"\\n\" (learnt), no eos"
+    reply_end_control = None
+    reply_end_text = "\n"
+
+    def end(self, supervised: bool, index: int) -> list[Segment]:
+        return [Text("\n", supervised=supervised, message=index)]
 
 
 register_template(Caption())
+register_template(MiniGPT4Caption())

@@ -8,7 +8,9 @@ from align.templates.template import Template, register_template
 class Llama2Chat(Template):
     """`<s>[INST] <<SYS>>\\nS\\n<</SYS>>\\n\\nuser [/INST] reply </s>` per exchange, each exchange one run.
 
-    Meta strips each message and ends every answered exchange with a space, then eos; all of that is learnt.
+    Meta strips each message and ends every answered exchange with a space, then eos; all of that is learnt. With a
+    system text, Meta puts the `<<SYS>>` block in front of the first user message and strips the joined text, so
+    the system text keeps its whitespace and the user message only loses its trailing whitespace.
     """
 
     name = "llama2-chat"
@@ -21,8 +23,10 @@ class Llama2Chat(Template):
             if message.role == USER:
                 out += [Control("bos", optional=True), Text("[INST] ", message=i)]
                 if i == 0 and system:
-                    out.append(Text(f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n", message=i))
-                out += self.content(message, i, strip=True)
+                    out.append(Text(f"<<SYS>>\n{system}\n<</SYS>>\n\n", message=i))
+                    out += self.content(message, i, rstrip=True)
+                else:
+                    out += self.content(message, i, strip=True)
                 out.append(Text(" [/INST]", message=i))
             else:
                 out.append(Text(" ", message=i))

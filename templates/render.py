@@ -104,8 +104,13 @@ def _assemble(
     out = Rendered(input_ids=[], labels=[], images=[], image_indices=[], text="")
     texts: list[str] = []
     run: list[Text] = []
+    # Whether text came before: a leading Control("bos") is the tokenizer's own bos, added outside the text (as
+    # `tokenizer(prompt)` adds it), so the text after it still starts the text; a special token the template
+    # writes as text (hf-chat's "<s>") does not.
+    started = False
 
     def flush() -> None:
+        nonlocal started
         if not run:
             return
         pieces = [tokenizer.normalize(t.text) for t in run]
@@ -115,7 +120,7 @@ def _assemble(
             if segment.supervised:
                 supervised_spans.append((pos, pos + len(piece)))
             pos += len(piece)
-        ids, offsets = tokenizer.encode_with_offsets(joined, continuation=bool(out.input_ids))
+        ids, offsets = tokenizer.encode_with_offsets(joined, continuation=started)
         start = len(out.input_ids)
         for token_id, (a, b) in zip(ids, offsets):
             # A token is learnt when any character it covers belongs to supervised text.
@@ -125,6 +130,7 @@ def _assemble(
         out.runs.append((start, len(out.input_ids), joined))
         texts.append("".join(t.text for t in run))
         run.clear()
+        started = True
 
     for segment in segments:
         if isinstance(segment, Text):
@@ -137,6 +143,7 @@ def _assemble(
                     continue
                 raise TemplateError(f"the tokenizer has no '{segment.name}' token")
             token_id = controls[segment.name]
+            started = started or segment.name != "bos" or bool(out.input_ids)
             if segment.label is not None:
                 label = controls[segment.label]
             else:
@@ -145,6 +152,7 @@ def _assemble(
             out.labels.append(label)
             texts.append(tokenizer.id_to_token(token_id))
         elif isinstance(segment, Image):
+            started = True
             out.images.append((len(out.input_ids), num_query_tokens))
             out.image_indices.append(segment.index)
             out.input_ids.extend([tokenizer.pad_id] * num_query_tokens)

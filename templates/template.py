@@ -58,12 +58,13 @@ class Template:
         """A record this template can render, used by the backbone self-check."""
         return STANDARD_RECORD
 
-    def content(self, message: Message, index: int, strip: bool = False) -> list[Segment]:
-        """A message's text and images as segments, images wrapped in `image_open`/`image_close`."""
+    def content(self, message: Message, index: int, strip: bool = False, *, rstrip: bool = False) -> list[Segment]:
+        """A message's text and images as segments, images wrapped in `image_open`/`image_close`; `strip` trims both
+        ends of the text, `rstrip` only its end."""
         items = list(message.content)
         if strip and items and isinstance(items[0], str):
             items[0] = items[0].lstrip()
-        if strip and items and isinstance(items[-1], str):
+        if (strip or rstrip) and items and isinstance(items[-1], str):
             items[-1] = items[-1].rstrip()
         out: list[Segment] = []
         for item in items:

@@ -1,15 +1,18 @@
 """Vicuna formats: MiniGPT-4's Vicuna v0 prompt and FastChat's vicuna-v1.1."""
 
+from align.errors import TemplateError
 from align.templates.conversation import USER, Conversation
 from align.templates.segments import Break, Control, Segment, Text
 from align.templates.template import Template, register_template
 
 
 class MiniGPT4Vicuna0(Template):
-    """MiniGPT-4 with Vicuna v0: `###Human: ...###Assistant: reply###`.
+    """MiniGPT-4's chat with Vicuna v0 (`CONV_VISION_Vicuna0`): `SYSTEM###Human: ...###Assistant: reply###Human: ...`.
 
-    As MiniGPT-4 does, the text before and after each image and each reply are tokenized as separate runs,
-    and bos comes only at the very start. The `###` after a reply ends it (learnt) and separates the next turn.
+    MiniGPT-4's `Chat` splits the prompt only at each image, so the text between images (earlier replies included)
+    is one run, and bos comes only at the very start. A conversation that ends with a reply (training) tokenizes
+    that reply and its learnt `###` as their own run, as MiniGPT-4 tokenizes its targets; the run before it is then
+    exactly the chat prompt the model answers at inference.
     """
 
     name = "minigpt4-vicuna0"
@@ -27,17 +30,46 @@ class MiniGPT4Vicuna0(Template):
         out: list[Segment] = [Control("bos", optional=True)]
         if system:
             out.append(Text(system))
+        last = len(conversation.messages) - 1
         for i, message in enumerate(conversation.messages):
             if message.role == USER:
-                # After a reply, its learnt "###" already separates the turns.
+                # After a reply, its "###" already separates the turns.
                 out.append(Text(("###" if i == 0 else "") + "Human: ", message=i))
                 out += self.content(message, i)
                 out.append(Text("###Assistant: ", message=i))
             else:
-                out.append(Break())
+                if i == last:
+                    out.append(Break())  # the training target
                 out += self.content(message, i)
-                out += [Text("###", supervised=message.supervised, message=i), Break()]
+                out.append(Text("###", supervised=message.supervised, message=i))
         return out
+
+
+class MiniGPT4Stage2(Template):
+    """MiniGPT-4's stage-2 training sample: `###Human: <Img>…</Img> {instruction} ###Assistant: ` + reply + `###`.
+
+    No system text, a space before `###Assistant:`, the prompt split only at the image, the reply and its `###`
+    tokenized as the target. Training only: chat with such an adapter uses the backbone's chat template, as
+    MiniGPT-4 does.
+    """
+
+    name = "minigpt4-stage2"
+    description = "MiniGPT-4 stage-2 training prompt (###Human: … ###Assistant: reply###), no system text"
+    supports_system = False
+    chat = False
+    stop_strings = ("###",)
+    reply_end_control = None
+    reply_end_text = "###"
+
+    def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
+        if len(conversation.messages) != 2 or conversation.messages[0].role != USER:
+            raise TemplateError("the minigpt4-stage2 template takes one instruction and one reply")
+        instruction, reply = conversation.messages
+        return [
+            Control("bos", optional=True), Text("###Human: ", message=0), *self.content(instruction, 0),
+            Text(" ###Assistant: ", message=0), Break(),
+            *self.content(reply, 1), Text("###", supervised=reply.supervised, message=1),
+        ]
 
 
 class VicunaV11(Template):
@@ -74,4 +106,5 @@ class VicunaV11(Template):
 
 
 register_template(MiniGPT4Vicuna0())
+register_template(MiniGPT4Stage2())
 register_template(VicunaV11())

@@ -1,5 +1,8 @@
 """Conformance: every template reproduces its reference on the real LLaMA and Qwen vocabularies."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from align.templates import IGNORE_INDEX, conversation_from_record, get_template, render
@@ -228,3 +231,53 @@ def test_baichuan2_injection_never_yields_control_ids(baichuan2_tokenizer, attac
     assert rendered.input_ids.count(195) == 1 and rendered.input_ids.count(196) == 1
     assert rendered.input_ids.count(2) == 1 and 1 not in rendered.input_ids  # only the final, template-written eos
     assert baichuan2_tokenizer.decode(baichuan2_tokenizer.encode(attack)) == attack
+
+
+GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "golden" / "llama_family.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizers(tmp_path_factory, llama_tokenizer):
+    """The real LLaMA vocabulary as released (legacy) and as Vicuna v1.5 ships it (`legacy: false`)."""
+    from align.backbones.tokenizers import load_tokenizer
+    from conftest import LLAMA_MODEL
+
+    directory = tmp_path_factory.mktemp("llama-nonlegacy")
+    (directory / "tokenizer.model").symlink_to(LLAMA_MODEL.resolve())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"legacy": False}))
+    return {True: llama_tokenizer, False: load_tokenizer("sentencepiece", directory, pad=0)}
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=[c["name"] for c in GOLDEN["cases"]])
+def test_reference_implementations_token_for_token(llama_tokenizers, case):
+    tokenizer = llama_tokenizers[case.get("legacy", True)]
+    rendered = render(get_template(case["template"]), conversation_from_record(case["record"]), tokenizer,
+                      num_query_tokens=SLOTS)
+    ids = list(rendered.input_ids)
+    for start, length in rendered.images:
+        ids[start:start + length] = [-1] * length
+    assert ids == case["input_ids"], case["source"]
+    if "learnt" in case:  # the reference's target: the last tokens, all learnt
+        assert len(learnt(rendered)) == case["learnt"] and learnt(rendered) == ids[-case["learnt"]:]
+
+
+def test_shipped_minigpt4_recipe_reproduces_minigpt4_samples(llama_tokenizers):
+    import random
+
+    from align.tools.recipe import load_recipe
+    from align.tools.training_data import prompted
+
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "minigpt4-vicuna7b-two-stage.yaml")
+    expected = {c["template"]: c for c in GOLDEN["cases"] if c["name"].startswith("minigpt4 stage")}
+    pretrain, finetune = recipe.stages
+    stage1 = expected[pretrain.template]
+    stage2 = expected[finetune.template]
+    caption = {"image": "x", "caption": stage2["record"]["conversations"][1]["value"]}
+    record = prompted(caption, finetune.prompts[:1], random.Random(0))  # "Describe this image in detail."
+    for stage, case, rec in [(pretrain, stage1, stage1["record"]), (finetune, stage2, record)]:
+        rendered = render(get_template(stage.template), conversation_from_record(rec), llama_tokenizers[True],
+                          num_query_tokens=SLOTS)
+        ids = list(rendered.input_ids)
+        for start, length in rendered.images:
+            ids[start:start + length] = [-1] * length
+        assert ids == case["input_ids"] and len(learnt(rendered)) == case["learnt"], stage.name

@@ -42,7 +42,8 @@ def record(*turns, image=None, system=None) -> dict:
 
 def test_every_required_template_is_registered():
     assert template_names() == sorted(
-        ["minigpt4-vicuna0", "vicuna-v1.1", "llama2-chat", "chatml", "baichuan", "baichuan2", "caption"]
+        ["minigpt4-vicuna0", "minigpt4-stage2", "minigpt4-caption", "vicuna-v1.1", "llama2-chat", "chatml", "baichuan",
+         "baichuan2", "caption"]
     )
 
 
