@@ -477,10 +477,12 @@ def demo(
 @app.command("templates")
 def templates() -> None:
     """List the chat templates."""
-    from align.templates import get_template, template_names
+    from align.templates import HF_CHAT, get_template, template_names
 
     for name in template_names():
         console.print(f"[bold]{name}[/bold]  {escape(get_template(name).description)}", highlight=False)
+    console.print(f"[bold]{HF_CHAT}[/bold]  the model's own chat template (its tokenizer's chat_template), rendered as "
+                  "transformers renders it; the default for a model that ships one", highlight=False)
 
 
 def main() -> None:

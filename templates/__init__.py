@@ -6,7 +6,7 @@ Importing this package registers every template; `get_template(name)` looks one 
 from align.templates import baichuan, caption, chatml, llama2, vicuna  # noqa: F401  (fill the registry)
 from align.templates.conversation import Conversation, ImageItem, Message, conversation_from_record
 from align.templates.render import IGNORE_INDEX, Rendered, render, resolve_controls, stop_ids
-from align.templates.template import HF_CHAT, Template, check_template_name, detect_template, get_template, template_names
+from align.templates.template import HF_CHAT, Template, check_template_name, get_template, template_names
 
 __all__ = [
     "HF_CHAT",
@@ -18,7 +18,6 @@ __all__ = [
     "Template",
     "check_template_name",
     "conversation_from_record",
-    "detect_template",
     "get_template",
     "render",
     "resolve_controls",

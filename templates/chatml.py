@@ -19,7 +19,6 @@ class ChatML(Template):
     optional_controls = {"endoftext": "<|endoftext|>"}
     stop_controls = ("im_end", "endoftext", "eos")
     reply_end_control = "im_end"
-    chat_template_markers = ("<|im_start|>",)
 
     def _turn(self, role: str, body: list[Segment], supervised: bool = False, index: int | None = None) -> list[Segment]:
         return [

@@ -15,7 +15,6 @@ class Llama2Chat(Template):
 
     name = "llama2-chat"
     description = "Llama-2-chat ([INST] ... [/INST], <<SYS>> system block)"
-    chat_template_markers = ("[INST]", "<<SYS>>")
 
     def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
         out: list[Segment] = []

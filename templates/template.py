@@ -43,8 +43,6 @@ class Template:
     # How a reply ends in the labels: the control at the end of each supervised span, and text after the reply.
     reply_end_control: ClassVar[str | None] = "eos"
     reply_end_text: ClassVar[str] = ""
-    # Substrings that identify this format in an HF tokenizer_config.json `chat_template`.
-    chat_template_markers: ClassVar[tuple[str, ...]] = ()
     image_open: ClassVar[str] = IMAGE_OPEN
     # False for a format with no user text (stage-1 captions): chat then uses the backbone's chat template.
     chat: ClassVar[bool] = True
@@ -114,15 +112,3 @@ def check_template_name(name: str) -> None:
 def template_names() -> list[str]:
     """Every registered template name, sorted."""
     return sorted(_TEMPLATES)
-
-
-def detect_template(chat_template: str) -> str:
-    """The one template whose markers all occur in an HF `chat_template` string."""
-    found = [
-        t.name for t in _TEMPLATES.values()
-        if t.chat_template_markers and all(m in chat_template for m in t.chat_template_markers)
-    ]
-    if len(found) != 1:
-        what = "matches several templates (" + ", ".join(found) + ")" if found else "is not a form align recognises"
-        raise TemplateError(f"the tokenizer's chat_template {what}; pass --template (one of {', '.join(template_names())})")
-    return found[0]

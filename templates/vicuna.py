@@ -24,7 +24,6 @@ class MiniGPT4Vicuna0(Template):
     stop_strings = ("###",)
     reply_end_control = None
     reply_end_text = "###"
-    chat_template_markers = ("###Human", "###Assistant")
 
     def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
         out: list[Segment] = [Control("bos", optional=True)]
@@ -85,7 +84,6 @@ class VicunaV11(Template):
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions."
     )
-    chat_template_markers = ("USER:", "ASSISTANT:")
 
     def segments(self, conversation: Conversation, system: str | None) -> list[Segment]:
         out: list[Segment] = [Control("bos", optional=True)]

@@ -197,3 +197,15 @@ def test_qwen25_preset_renders_with_the_models_own_template_and_notices_a_change
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="changed since backbone 'qwen2.5-7b-instruct' was checked"):
         template_for(spec, tokenizer)
+
+
+def test_a_model_without_a_chat_template_must_name_one(align_home, tmp_path, hf_chatml_dir):
+    model = tmp_path / "plain"
+    model.mkdir()
+    shutil.copy(hf_chatml_dir / "tokenizer.json", model / "tokenizer.json")
+    config = json.loads((hf_chatml_dir / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    write_config(model, hidden_size=48, vocab_size=512, architectures=["Qwen2ForCausalLM"])
+    with pytest.raises(BackboneError, match="has no chat template .*--template"):
+        add_backbone("plain-llm", model)
+    assert add_backbone("plain-llm", model, template="chatml").ok

@@ -9,7 +9,6 @@ from align.errors import DuplicateNameError, TemplateError, UnknownNameError
 from align.templates import (
     IGNORE_INDEX,
     conversation_from_record,
-    detect_template,
     get_template,
     render,
     stop_ids,
@@ -158,19 +157,3 @@ def test_stop_ids_and_strings(qwen, sp):
     assert stop_ids(get_template("baichuan2"), sp) == [EOS]
     assert get_template("minigpt4-vicuna0").stop_strings == ("###",)
 
-
-@pytest.mark.parametrize(
-    ("chat_template", "name"),
-    [
-        ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}", "chatml"),
-        ("{{ bos_token }}[INST] <<SYS>>\\n{{ system }}\\n<</SYS>>\\n\\n{{ content }} [/INST]", "llama2-chat"),
-        ("{{ system }} {% for m in messages %}USER: {{ m }} ASSISTANT: {{ r }}</s>{% endfor %}", "vicuna-v1.1"),
-    ],
-)
-def test_detect_template_from_hf_chat_template(chat_template, name):
-    assert detect_template(chat_template) == name
-
-
-def test_unrecognised_chat_template_asks_for_template():
-    with pytest.raises(TemplateError, match="pass --template"):
-        detect_template("<start_of_turn>user\n{{ content }}<end_of_turn>")

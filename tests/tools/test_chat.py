@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from align.adapters.adapter_files import AdapterConfig, AdapterError, save_adapter
+from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.errors import AlignError
 from align.tools.caption import caption_manifest, rejects_path
@@ -221,3 +221,17 @@ def test_caption_manifest_skips_bad_records_and_resumes(pipeline, home, tmp_path
     again = caption_manifest(pipeline, manifest, out, options=GREEDY, batch_size=2, progress=False)
     assert (again.already_done, again.captioned) == (1, 2)
     assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 5]
+
+
+@pytest.mark.parametrize("template,expected", [("caption", "vicuna-v1.1"), ("minigpt4-vicuna0", "minigpt4-vicuna0"),
+                                               ("chatml", None)])
+def test_inference_uses_the_adapters_template_and_refuses_one_that_does_not_fit(home, adapter, tiny_blip2, tmp_path,
+                                                                               template, expected):
+    config, state = load_adapter(adapter)
+    other = save_adapter(tmp_path / template, config.model_copy(update={"template": template}), state)
+    if expected is None:  # the LLaMA tokenizer has no <|im_start|>: named with both sides
+        with pytest.raises(AdapterError, match="trained with template 'chatml', which backbone 'tiny-llama' "
+                                               r"\(template 'vicuna-v1.1'\) cannot write"):
+            Pipeline.load(other, encoder=tiny_blip2[1], device="cpu")
+        return
+    assert Pipeline.load(other, encoder=tiny_blip2[1], device="cpu").template.name == expected
