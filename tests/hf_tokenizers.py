@@ -15,10 +15,15 @@ CORPUS = [
 
 
 def _train(tokenizer: Tokenizer, alphabet: list[str], byte_fallback: bool) -> Tokenizer:
-    trainer = trainers.BpeTrainer(vocab_size=500, initial_alphabet=alphabet,
-                                  special_tokens=[] if not byte_fallback else [f"<0x{b:02X}>" for b in range(256)])
-    tokenizer.train_from_iterator(CORPUS * 5, trainer)
-    return tokenizer
+    tokenizer.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(vocab_size=500, initial_alphabet=alphabet))
+    if not byte_fallback:
+        return tokenizer
+    # As in Llama / Mistral / Gemma: the byte pieces are ordinary vocabulary entries (not added tokens).
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def byte_level() -> Tokenizer:
@@ -33,7 +38,9 @@ def metaspace() -> Tokenizer:
     """Llama / Mistral style: Metaspace pre-tokenizer that prepends `▁` at the start only, byte fallback."""
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    # The decoder of Llama-2 / Mistral's tokenizer.json: spaces back, bytes fused, the one prepended space dropped.
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
     return _train(tokenizer, ["▁"], True)
 
 

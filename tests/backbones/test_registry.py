@@ -209,3 +209,16 @@ def test_a_model_without_a_chat_template_must_name_one(align_home, tmp_path, hf_
     with pytest.raises(BackboneError, match="has no chat template .*--template"):
         add_backbone("plain-llm", model)
     assert add_backbone("plain-llm", model, template="chatml").ok
+
+
+@pytest.mark.parametrize("name", ["llama-3-instruct", "gemma-it", "mixtral-instruct"])
+def test_add_backbone_reads_chat_template_jinja_and_checks_it_against_transformers(align_home, tmp_path, name):
+    from hf_tokenizers import save_template
+
+    model = save_template(tmp_path / name, name, as_jinja_file=True)  # as transformers 5 saves it
+    write_config(model, hidden_size=64, vocab_size=1024, architectures=["LlamaForCausalLM"])
+    result = add_backbone(f"my-{name}", model)
+    assert result.ok, [c for c in result.checks if not c.ok]
+    assert result.spec.template == "hf-chat"
+    compared = next(c for c in result.checks if c.name == "equals the model's own apply_chat_template")
+    assert compared.detail.endswith("id for id")
