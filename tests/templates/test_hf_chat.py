@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerFast
 
 from align.backbones.tokenizers import load_tokenizer
 from align.errors import TemplateError
-from align.templates import IGNORE_INDEX, conversation_from_record, render
+from align.templates import IGNORE_INDEX, conversation_from_record, render, stop_ids
 from align.templates.hf_chat import HFChatTemplate
 from hf_tokenizers import TEMPLATE_FAMILY, TEMPLATES, save_template
 
@@ -142,3 +142,12 @@ def test_default_system_prompts_come_from_the_template(families):
         assert default in rendered.text
     hf, tokenizer, template = families["chatml-generic"]
     assert "system" not in render(template, conversation_from_record(record(None, TURNS[:1])), tokenizer).text
+
+
+@pytest.mark.parametrize("name,end", [("llama-3-instruct", "<|eot_id|>"), ("gemma-it", "<end_of_turn>"),
+                                      ("qwen2.5-instruct", "<|im_end|>"), ("mixtral-instruct", "</s>"),
+                                      ("phi-4", "<|im_end|>")])
+def test_generation_stops_on_the_reply_end_token_and_eos(families, name, end):
+    hf, tokenizer, template = families[name]
+    assert template.reply_end_control == end
+    assert stop_ids(template, tokenizer) == sorted({hf.convert_tokens_to_ids(end), tokenizer.eos_id})
