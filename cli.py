@@ -143,7 +143,7 @@ def render(
     as_json: JsonFlag = False,
 ) -> None:
     """Show what the model sees: ids, learnt tokens and image slots for one conversation, or a whole manifest."""
-    from align.tools.render_view import readable, render_file, render_manifest, token_table
+    from align.tools.training.render_view import readable, render_file, render_manifest, token_table
 
     if (conversation is None) == (manifest is None):
         raise AlignError("give --conversation FILE or --manifest M.jsonl")
@@ -170,7 +170,7 @@ def encoder_export(
     out: Annotated[Path, typer.Option(help="Directory to write (encoder_config.json + encoder.safetensors).")],
 ) -> None:
     """Write a compact encoder-only directory that loads fast."""
-    from align.tools.encoder import export_encoder
+    from align.backbones.vision import export_encoder
 
     encoder = export_encoder(source, out)
     params = sum(p.numel() for p in encoder.module.parameters())
@@ -194,7 +194,7 @@ def features_extract(
     as_json: JsonFlag = False,
 ) -> None:
     """Run the frozen encoder once over the manifests' images into a feature store (resumable)."""
-    from align.tools.extract import extract_features
+    from align.tools.features.extract import extract_features
 
     if dtype not in (None, "fp16", "bf16", "fp32"):
         raise AlignError(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
@@ -248,7 +248,7 @@ def bench_features(
     out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
 ) -> None:
     """Images/s for decoding and for encoding, separately, on this machine's device."""
-    from align.tools.bench import bench_features as run
+    from align.tools.bench.bench import bench_features as run
 
     result, path = run(encoder, images=images, batch_size=batch_size, iterations=iterations, workers=workers,
                        dtype=dtype, out_dir=out_dir)
@@ -268,7 +268,7 @@ def bench_load_llm(
     out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
 ) -> None:
     """Peak memory and time of loading an official Qwen-7B-shaped checkpoint (random weights, 15.4 GB in bf16)."""
-    from align.tools.bench import bench_llm_loading as run
+    from align.tools.bench.bench import bench_llm_loading as run
 
     result, path = run(checkpoint, dtype=dtype, quantization=quantization, out_dir=out_dir)
     gib = 2**30
@@ -287,7 +287,7 @@ def data_convert(
     image_root: Annotated[Optional[Path], typer.Option(help="Write image paths relative to this folder.")] = None,
 ) -> None:
     """Convert a public data set layout into an align manifest; bad entries go to OUT.rejects.jsonl."""
-    from align.tools.data_convert import convert
+    from align.tools.training.data_convert import convert
 
     summary = convert(format_, src, out, image_root)
     console.print(f"{summary.written} records → {escape(summary.out)}; {summary.rejected} rejected → "
@@ -330,7 +330,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
 ) -> None:
     """Train the projector through every stage of a recipe (under torchrun or deepspeed for several processes)."""
-    from align.tools.trainer import train as run
+    from align.tools.training.trainer import train as run
 
     try:
         adapters = run(recipe, output, resume, set_ or []).adapters
@@ -346,7 +346,7 @@ def validate(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
 ) -> None:
     """Check a recipe without running it: schema, backbone, feature store and manifests."""
-    from align.tools.recipe import check_recipe
+    from align.tools.training.recipe import check_recipe
 
     checked = check_recipe(recipe, set_ or [])
     console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
@@ -391,8 +391,8 @@ def chat(
 ) -> None:
     """Talk about an image with a trained adapter, in the backbone's own chat template."""
     from align.backbones.llm import remote_code_opt_in
-    from align.tools.chat_repl import open_session, run_repl
-    from align.tools.generation import GenerationOptions
+    from align.tools.inference.chat_repl import open_session, run_repl
+    from align.tools.inference.generation import GenerationOptions
 
     options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
     with remote_code_opt_in(REMOTE_CODE_FLAG):
@@ -429,9 +429,9 @@ def caption(
 ) -> None:
     """Caption (or answer the first question of) every record of a manifest; bad records are skipped with a reason."""
     from align.backbones.llm import remote_code_opt_in
-    from align.tools.caption import caption_manifest
-    from align.tools.generation import GenerationOptions
-    from align.tools.pipeline import Pipeline
+    from align.tools.inference.caption import caption_manifest
+    from align.tools.inference.generation import GenerationOptions
+    from align.tools.inference.pipeline import Pipeline
 
     if encoder is None:
         raise AlignError("--encoder PATH is needed: captions are generated from the images themselves")
@@ -451,7 +451,7 @@ def demo(
     as_json: JsonFlag = False,
 ) -> None:
     """The whole pipeline on tiny built-in models: pictures, encoder, LLM, features, two-stage training, chat."""
-    from align.tools.demo import REQUIRED_GAIN, run_demo
+    from align.tools.demo.demo import REQUIRED_GAIN, run_demo
 
     say = (lambda line: None) if as_json else (lambda line: console.print(escape(line), highlight=False))
     result = run_demo(out, seed, say=say, quiet=as_json)

@@ -10,10 +10,14 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from align import __version__
+from align.backbones.spec import BackboneSpec
+from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
+from align.files import write_atomic
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+ADAPTER_FORMAT_VERSION = 1
 
 
 class AdapterError(AlignError):
@@ -37,6 +41,16 @@ class AdapterConfig(BaseModel):
     stage: str | None = None
     step: int = 0
     align_version: str = __version__
+    format_version: int = ADAPTER_FORMAT_VERSION
+
+    @classmethod
+    def for_backbone(cls, spec: BackboneSpec, *, projector: str, in_features: int, template: str,
+                     num_query_tokens: int, encoder_fingerprint: str | None, stage: str | None, step: int = 0
+                     ) -> "AdapterConfig":
+        """The config that binds a projector from `in_features` to this backbone's hidden size."""
+        return cls(projector=projector, in_features=in_features, out_features=spec.hidden_size, backbone=spec.name,
+                   hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, template=template,
+                   num_query_tokens=num_query_tokens, encoder_fingerprint=encoder_fingerprint, stage=stage, step=step)
 
     def check_fits(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str | None = None,
                    num_query_tokens: int | None = None, encoder_fingerprint: str | None = None, where: str = "") -> None:
@@ -62,7 +76,7 @@ def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, t
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
-    (staging / ADAPTER_CONFIG).write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
+    write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         os.replace(directory, old)
@@ -84,4 +98,7 @@ def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor
         config = AdapterConfig.model_validate_json((directory / ADAPTER_CONFIG).read_text())
     except Exception as exc:
         raise AdapterError(f"invalid {directory / ADAPTER_CONFIG}: {exc}") from None
+    if config.format_version > ADAPTER_FORMAT_VERSION:
+        raise AdapterError(f"{directory} is adapter format {config.format_version}; this align reads up to "
+                           f"{ADAPTER_FORMAT_VERSION}: upgrade align")
     return config, load_file(str(directory / ADAPTER_WEIGHTS))

@@ -54,9 +54,8 @@ def import_checkpoint(kind_name: str, path: Path, spec: BackboneSpec, out: Path)
         raise AdapterError(
             f"{path}: projector {tuple(weight.shape)} does not fit '{spec.name}' (hidden size {spec.hidden_size})"
         )
-    config = AdapterConfig(
-        projector="linear", in_features=weight.shape[1], out_features=spec.hidden_size, backbone=spec.name,
-        hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, template=spec.template,
+    config = AdapterConfig.for_backbone(
+        spec, projector="linear", in_features=weight.shape[1], template=spec.template,
         num_query_tokens=DEFAULT_QUERY_TOKENS, encoder_fingerprint=None, stage=f"imported from {kind.name}",
     )
     return save_adapter(out, config, {"weight": weight.float(), "bias": bias.float()})

@@ -11,9 +11,10 @@ from align.backbones.llm import load_llm
 from align.backbones.native import layout_for
 from align.backbones.registry import get_backbone
 from align.backbones.tokenizers import tokenizer_kind
+from align.constants import CONVERSION_NOTE
 from align.errors import BackboneError
+from align.files import write_atomic
 
-CONVERSION_NOTE = "align_conversion.json"
 # Tokenizer files travel with the weights; the model's own code (*.py) never does.
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -56,6 +57,6 @@ def convert_backbone(name: str, source: Path, out: Path, dtype: str | None = Non
             shutil.copy2(source / file, partial / file)
     note = {"source": str(source), "backbone": spec.name, "layout": layout.name, "dtype": dtype,
             "normalised_output_rows": layout.norm_head(config), "align_version": __version__}
-    (partial / CONVERSION_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+    write_atomic(partial / CONVERSION_NOTE, json.dumps(note, indent=2) + "\n")
     partial.rename(out)
     return Conversion(out, layout.name, native.architectures[0], dtype, sorted(p.name for p in out.iterdir()))

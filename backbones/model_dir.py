@@ -1,11 +1,11 @@
 """What a local HF model directory tells about the LLM: sizes, dtype, chat template, remote code."""
 
-import json
 from pathlib import Path
 
 import transformers
 
 from align.errors import BackboneError
+from align.files import read_json_object
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Bytes of bf16 weights that leave room on a 24 GB GPU for activations of a frozen forward/backward pass.
@@ -14,13 +14,7 @@ _BF16_BUDGET_BYTES = 18e9
 
 def read_json(path: Path) -> dict:
     """A JSON object from a file, or a one-line error naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackboneError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise BackboneError(f"{path} is not a JSON object")
-    return data
+    return read_json_object(path, BackboneError)
 
 
 def check_model_dir(path: Path) -> Path:

@@ -5,7 +5,6 @@ A user entry named like a preset is that preset added with a local model path; i
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -14,11 +13,12 @@ import yaml
 from pydantic import ValidationError
 
 from align.backbones import model_dir
+from align.backbones.chat_templates import model_chat_template, template_for, template_sha256
 from align.backbones.self_check import Check, self_check
 from align.backbones.spec import NAME_PATTERN, BackboneSpec
 from align.backbones.tokenizers import detect_tokenizer_kind, load_tokenizer, tokenizer_kind
 from align.errors import BackboneError, DuplicateNameError, UnknownNameError
-from align.backbones.chat_templates import model_chat_template, template_for, template_sha256
+from align.files import write_atomic
 from align.templates import HF_CHAT, check_template_name, get_template
 from align.templates.text_tokenizer import TextTokenizer
 
@@ -217,8 +217,5 @@ def _write_entry(spec: BackboneSpec) -> Path:
     directory = user_registry_dir()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{spec.name}.yaml"
-    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, target)  # atomic: a reader sees the old entry or the new one, never half
+    write_atomic(target, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     return target

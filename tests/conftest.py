@@ -30,7 +30,7 @@ BAICHUAN_RESERVED = [f"<reserved_{i}>" for i in range(3, 200)]
 
 def run_align(*args, home: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run `python -m align ARGS` in a fresh process, as a user would (with `home` as $ALIGN_HOME)."""
-    from align.tools.trainer import child_environment
+    from align.tools.training.trainer import child_environment
 
     env = child_environment() | ({"ALIGN_HOME": str(home)} if home else {})
     return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env,
@@ -178,7 +178,7 @@ def train_workspace(tmp_path_factory, sp_model_dir, hf_chatml_dir, tiny_blip2):
     os.environ["ALIGN_HOME"] = str(home)
     try:
         from align.backbones.registry import add_backbone
-        from align.tools.extract import extract_features
+        from align.tools.features.extract import extract_features
 
         assert add_backbone("tiny-llama", save_tiny_llama(root / "llama", sp_model_dir / "tokenizer.model"),
                             template="vicuna-v1.1").ok

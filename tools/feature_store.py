@@ -13,17 +13,16 @@ The image key is a hash of the image file's bytes, so duplicate images are encod
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from align.constants import REJECTS, STORE_META, STORE_SHARDS
 from align.errors import AlignError
+from align.files import write_atomic
 
 FORMAT, FORMAT_VERSION = "align-feature-store", 1
-META, SHARDS, REJECTS = "meta.json", "shards", "rejects.jsonl"
 DTYPE = np.float16
 
 
@@ -39,15 +38,6 @@ def image_key(data: bytes) -> str:
 def row_checksum(row: np.ndarray) -> str:
     """Checksum of one stored row's bytes."""
     return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=8).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
 
 
 @dataclass(frozen=True)
@@ -78,12 +68,12 @@ class FeatureStore:
     def open(cls, path: Path | str, fingerprint: str | None = None, row_shape: tuple[int, ...] | None = None) -> "FeatureStore":
         """Open an existing store; a different encoder fingerprint or row shape is refused, naming both."""
         path = Path(path)
-        if not (path / META).is_file():
-            raise StoreError(f"{path} is not a feature store (no {META}); create it with `align features extract`")
+        if not (path / STORE_META).is_file():
+            raise StoreError(f"{path} is not a feature store (no {STORE_META}); create it with `align features extract`")
         try:
-            meta = json.loads((path / META).read_text())
+            meta = json.loads((path / STORE_META).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"cannot read {path / META}: {exc}") from None
+            raise StoreError(f"cannot read {path / STORE_META}: {exc}") from None
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} store")
         store = cls(path, meta)
@@ -94,9 +84,9 @@ class FeatureStore:
     def create(cls, path: Path | str, fingerprint: str, row_shape: tuple[int, ...], info: dict) -> "FeatureStore":
         """Create an empty store, or open the existing one if it was made the same way."""
         path = Path(path)
-        if (path / META).is_file():
+        if (path / STORE_META).is_file():
             return cls.open(path, fingerprint, row_shape)
-        (path / SHARDS).mkdir(parents=True, exist_ok=True)
+        (path / STORE_SHARDS).mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -106,7 +96,7 @@ class FeatureStore:
             "count": 0,
             **info,
         }
-        write_atomic(path / META, json.dumps(meta, indent=2).encode())
+        write_atomic(path / STORE_META, json.dumps(meta, indent=2).encode())
         return cls(path, meta)
 
     def require(self, fingerprint: str | None, row_shape: tuple[int, ...] | None) -> None:
@@ -121,7 +111,7 @@ class FeatureStore:
 
     def _load_commits(self) -> None:
         # Sorted shard names make the first writer of a duplicated key win, in every process and every run.
-        for record_path in sorted((self.path / SHARDS).glob("*.json")):
+        for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
             self._apply(record_path.stem, json.loads(record_path.read_text()))
 
     def _apply(self, shard: str, record: dict) -> None:
@@ -143,7 +133,7 @@ class FeatureStore:
 
     def _rows_of(self, shard: str) -> np.ndarray:
         if shard not in self._maps:
-            file = self.path / SHARDS / f"{shard}.f16"
+            file = self.path / STORE_SHARDS / f"{shard}.f16"
             rows = file.stat().st_size // (DTYPE().itemsize * int(np.prod(self.row_shape)))
             self._maps[shard] = np.memmap(file, dtype=DTYPE, mode="r", shape=(rows, *self.row_shape))
         return self._maps[shard]
@@ -171,27 +161,27 @@ class FeatureStore:
 
     def clean_partial_writes(self, writer: str) -> None:
         """Remove what a killed writer left behind: temporary files and shards with no commit record."""
-        for file in (self.path / SHARDS).glob(f"{writer}-*"):
+        for file in (self.path / STORE_SHARDS).glob(f"{writer}-*"):
             committed = file.with_suffix(".json").is_file()
             if file.suffix == ".tmp" or (file.suffix == ".f16" and not committed):
                 file.unlink()
 
     def commit(self, writer: str, keys: list[str], rows: np.ndarray, sources: dict[str, str]) -> None:
         """Append rows (and source → key aliases) as one new shard, atomically."""
-        existing = sorted((self.path / SHARDS).glob(f"{writer}-*.json"))
+        existing = sorted((self.path / STORE_SHARDS).glob(f"{writer}-*.json"))
         seq = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
         shard = f"{writer}-{seq:06d}"
         rows = np.ascontiguousarray(rows, dtype=DTYPE)
         if keys:
-            write_atomic(self.path / SHARDS / f"{shard}.f16", rows.tobytes())
+            write_atomic(self.path / STORE_SHARDS / f"{shard}.f16", rows.tobytes())
         record = {"keys": keys, "checksums": [row_checksum(r) for r in rows], "sources": sources}
-        write_atomic(self.path / SHARDS / f"{shard}.json", json.dumps(record).encode())
+        write_atomic(self.path / STORE_SHARDS / f"{shard}.json", json.dumps(record).encode())
         self._apply(shard, record)
 
     def write_count(self) -> None:
         """Record the current number of images in meta.json."""
         self.meta["count"] = len(self)
-        write_atomic(self.path / META, json.dumps(self.meta, indent=2).encode())
+        write_atomic(self.path / STORE_META, json.dumps(self.meta, indent=2).encode())
 
     # -- inspection -------------------------------------------------------------------------------------------------
 
@@ -208,7 +198,7 @@ class FeatureStore:
             "dtype": self.meta["dtype"],
             "views": self.row_shape[0],
             "encoder_fingerprint": self.meta["encoder_fingerprint"],
-            "shards": len(list((self.path / SHARDS).glob("*.json"))),
+            "shards": len(list((self.path / STORE_SHARDS).glob("*.json"))),
             "rejects": sum(1 for _ in rejects.open()) if rejects.is_file() else 0,
             "bytes_on_disk": size,
         }
@@ -216,7 +206,7 @@ class FeatureStore:
     def verify(self) -> list[str]:
         """Every problem found: unreadable shards, rows failing their checksum, sources naming unknown keys."""
         problems = []
-        for record_path in sorted((self.path / SHARDS).glob("*.json")):
+        for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
             record = json.loads(record_path.read_text())
             if not record["keys"]:
                 continue

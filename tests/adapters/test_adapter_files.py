@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from align.adapters.adapter_files import ADAPTER_CONFIG, AdapterConfig, AdapterError, load_adapter, save_adapter
+from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
+from align.constants import ADAPTER_CONFIG
 from align.adapters.projector import build_projector, projector_names
 
 

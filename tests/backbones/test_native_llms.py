@@ -14,14 +14,15 @@ from align.adapters.adapter_files import AdapterConfig, save_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
 from align.backbones import load_llm
-from align.backbones.convert import CONVERSION_NOTE, convert_backbone
+from align.backbones.convert import convert_backbone
+from align.constants import CONVERSION_NOTE
 from align.backbones.llm import RemoteCodeError, remote_code_opt_in
 from align.backbones.native.baichuan_alibi import BaichuanAlibiForCausalLM
 from align.backbones.registry import add_backbone
 from align.errors import BackboneError
 from align.tools.feature_store import FeatureStore
-from align.tools.generation import GenerationOptions
-from align.tools.pipeline import Pipeline
+from align.tools.inference.generation import GenerationOptions
+from align.tools.inference.pipeline import Pipeline
 from conftest import run_align, write_config
 from native_checkpoints import (
     baichuan_config,

@@ -264,8 +264,8 @@ def test_reference_implementations_token_for_token(llama_tokenizers, case):
 def test_shipped_minigpt4_recipe_reproduces_minigpt4_samples(llama_tokenizers):
     import random
 
-    from align.tools.recipe import load_recipe
-    from align.tools.training_data import prompted
+    from align.tools.training.recipe import load_recipe
+    from align.tools.training.training_data import prompted
 
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "minigpt4-vicuna7b-two-stage.yaml")
     expected = {c["template"]: c for c in GOLDEN["cases"] if c["name"].startswith("minigpt4 stage")}

@@ -19,7 +19,7 @@ def test_bench_features_writes_a_result(tiny_blip2, tmp_path):
 
 
 def test_bench_load_llm_measures_an_official_layout(tmp_path):
-    from align.tools.bench import QWEN_7B, write_random_qwen1
+    from align.tools.bench.bench import QWEN_7B, write_random_qwen1
 
     tiny = QWEN_7B | {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64,
                       "vocab_size": 300, "kv_channels": 8}

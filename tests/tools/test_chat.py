@@ -9,11 +9,11 @@ import torch
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.errors import AlignError
-from align.tools.caption import caption_manifest, rejects_path
-from align.tools.chat_repl import open_session, run_repl
+from align.tools.inference.caption import caption_manifest, rejects_path
+from align.tools.inference.chat_repl import open_session, run_repl
 from align.tools.feature_store import FeatureStore
-from align.tools.generation import GenerationOptions, Stops
-from align.tools.pipeline import Pipeline
+from align.tools.inference.generation import GenerationOptions, Stops
+from align.tools.inference.pipeline import Pipeline
 from conftest import run_align
 
 GREEDY = GenerationOptions(max_new_tokens=6)

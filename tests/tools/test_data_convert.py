@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from align.templates import conversation_from_record
-from align.tools.data_convert import convert
+from align.tools.training.data_convert import convert
 
 
 def records(path):

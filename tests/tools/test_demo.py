@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from align.tools.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
-from align.tools.demo_world import Content, names_correctly
+from align.tools.demo.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
+from align.tools.demo.demo_world import Content, names_correctly
 from conftest import run_align
 
 

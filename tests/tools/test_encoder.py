@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from align.tools.encoder import EncoderError, export_encoder, load_encoder
-from align.tools.image_processing import BadImage, Preprocessing, decode_image, eval_view, views
+from align.backbones.vision import EncoderError, export_encoder, load_encoder
+from align.backbones.vision.preprocessing import Preprocessing, eval_view, views
+from align.tools.images import BadImage, decode_image
 
 
 def reference_features(model, pixels: torch.Tensor) -> torch.Tensor:

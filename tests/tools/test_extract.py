@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from align.tools.encoder import load_encoder
-from align.tools.extract import ExtractError, extract_features
-from align.tools.feature_store import SHARDS, FeatureStore, StoreError
-from align.tools.image_processing import decode_image, views
+from align.backbones.vision import load_encoder
+from align.tools.features.extract import ExtractError, extract_features
+from align.constants import STORE_SHARDS as SHARDS
+from align.tools.feature_store import FeatureStore, StoreError
+from align.backbones.vision.preprocessing import views
+from align.tools.images import decode_image
 from blip2_tiny import good_image, image_folder, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

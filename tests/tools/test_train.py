@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from align.adapters.adapter_files import AdapterError, load_adapter
-from align.tools.recipe import RecipeError, load_recipe
-from align.tools.trainer import child_environment, train
+from align.tools.training.recipe import RecipeError, load_recipe
+from align.tools.training.trainer import child_environment, train
 from conftest import run_align
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch):
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
     full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
 
-    from align.tools import trainer
+    from align.tools.training import trainer
 
     real_collate, calls = trainer.collate, {"n": 0}
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,18 +23,16 @@ from torch import nn
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
 from align import __version__
-from align.errors import AlignError
-from align.tools.image_processing import Preprocessing
+from align.backbones.vision.registry import EncoderError, EncoderKind, register_encoder_kind
+from align.constants import ENCODER_CONFIG, ENCODER_WEIGHTS
+from align.files import read_json_object, write_atomic
+from align.backbones.vision.preprocessing import Preprocessing
 
-ENCODER_CONFIG, ENCODER_WEIGHTS = "encoder_config.json", "encoder.safetensors"
+BLIP2 = "blip2"
 FORMAT, FORMAT_VERSION = "align-blip2-encoder", 1
 ENCODER_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 LAVIS_VISION_FILE = "eva_vit_g.pth"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class EncoderError(AlignError):
-    """An encoder checkpoint that cannot be read or does not fit the expected modules."""
 
 
 class BlipEncoder(nn.Module):
@@ -238,9 +237,8 @@ def load_lavis(path: Path) -> Encoder:
 # -- align's own layout ----------------------------------------------------------------------------------------------
 
 
-def load_export(path: Path) -> Encoder:
-    """An encoder directory written by `export_encoder`."""
-    meta = json.loads((path / ENCODER_CONFIG).read_text())
+def load_export(path: Path, meta: dict) -> Encoder:
+    """An encoder directory written by `save_encoder` (its encoder_config.json already read as `meta`)."""
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise EncoderError(f"{path / ENCODER_CONFIG} is not an {FORMAT} v{FORMAT_VERSION} file")
     config = Blip2Config(
@@ -255,30 +253,16 @@ def load_export(path: Path) -> Encoder:
     return encoder
 
 
-def load_encoder(path: Path | str) -> Encoder:
-    """Load the frozen encoder from any of the three layouts, detected from the files in `path`."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise EncoderError(f"encoder directory {path} does not exist")
-    if (path / ENCODER_CONFIG).is_file():
-        return load_export(path)
+def detect_release(path: Path):
+    """LAVIS (`eva_vit_g.pth`) or Hugging Face BLIP-2 (`config.json` of model_type blip-2) in `path`, or None."""
     if (path / LAVIS_VISION_FILE).is_file():
-        return load_lavis(path)
+        return load_lavis
     if (path / "config.json").is_file():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = read_json_object(path / "config.json", EncoderError).get("model_type")
         if model_type != "blip-2":
             raise EncoderError(f"{path}/config.json is a '{model_type}' model, not blip-2")
-        return load_hf(path)
-    raise EncoderError(
-        f"{path} is not an encoder: expected {ENCODER_CONFIG} (align), config.json (HF BLIP-2) or {LAVIS_VISION_FILE} (LAVIS)"
-    )
-
-
-def export_encoder(source: Path | str, out: Path | str) -> Encoder:
-    """Write the encoder of any layout as a compact align encoder directory (config + one safetensors file)."""
-    encoder = load_encoder(source)
-    save_encoder(encoder, out)
-    return encoder
+        return load_hf
+    return None
 
 
 def save_encoder(encoder: Encoder, out: Path | str) -> Path:
@@ -288,6 +272,7 @@ def save_encoder(encoder: Encoder, out: Path | str) -> Path:
     state = {name: tensor.contiguous() for name, tensor in encoder.module.state_dict().items()}
     save_file(state, str(out / ENCODER_WEIGHTS), metadata={"format": FORMAT})
     meta = {
+        "kind": BLIP2,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "align_version": __version__,
@@ -298,7 +283,7 @@ def save_encoder(encoder: Encoder, out: Path | str) -> Path:
         "preprocessing": encoder.preprocessing.as_dict(),
         "weights_digest": encoder.weights_digest,
     }
-    (out / ENCODER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    write_atomic(out / ENCODER_CONFIG, json.dumps(meta, indent=2, sort_keys=True))
     return out
 
 
@@ -310,3 +295,20 @@ def _plain(config: Blip2VisionConfig | Blip2QFormerConfig) -> dict:
         "max_position_embeddings", "vocab_size",
     }
     return {k: v for k, v in config.to_dict().items() if k in keep}
+
+
+@torch.inference_mode()
+def encode(encoder: Encoder, pixels: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """[N, V, 3, H, W] pixels → [N, V, queries, width] fp16 features."""
+    n, v = pixels.shape[:2]
+    flat = torch.from_numpy(pixels.reshape(n * v, *pixels.shape[2:]))
+    dtype = next(encoder.module.parameters()).dtype
+    outputs = [
+        encoder.module(flat[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
+        for i in range(0, n * v, batch_size)
+    ]
+    return torch.cat(outputs).reshape(n, v, *outputs[0].shape[1:]).to(torch.float16).numpy()
+
+
+register_encoder_kind(EncoderKind(BLIP2, load_export, detect_release,
+                                  f"config.json (HF BLIP-2) or {LAVIS_VISION_FILE} (LAVIS)"))

@@ -1,7 +1,7 @@
 """The inference pipeline: an adapter directory loaded with its backbone, frozen LLM and frozen encoder.
 
 ```python
-from align.tools.pipeline import Pipeline
+from align.tools.inference.pipeline import Pipeline
 pipe = Pipeline.load("runs/x/chat/adapter", encoder="blip2-encoder")
 print(pipe.generate("cat.jpg", "What is in this image?"))
 chat = pipe.chat("cat.jpg"); chat.ask("What colour is it?"); chat.ask("And its paws?")
@@ -24,34 +24,18 @@ from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.errors import AlignError
 from align.templates import Rendered, Template, render, resolve_controls, stop_ids
 from align.templates.conversation import conversation_from_turns
-from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
-from align.tools.extract import encode
+from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import FeatureStore
-from align.tools.generation import GenerationOptions, Stops, generate
-from align.tools.image_processing import BadImage, decode_image, eval_view
+from align.tools.inference.generation import GenerationOptions, Stops, generate
+from align.backbones.vision.preprocessing import eval_view
+from align.tools.images import ImageInput, read_image
 
-ImageInput = Image.Image | str | Path
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
 
 
 def default_device() -> torch.device:
     """The first GPU when there is one, else the CPU."""
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def read_image(image: ImageInput) -> Image.Image:
-    """An RGB image from a path (checked as training inputs are, other colour modes converted) or a PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image).expanduser()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AlignError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    try:
-        return decode_image(data, convert_modes=True)
-    except BadImage as exc:
-        raise AlignError(f"cannot read image {path}: {exc}") from None
 
 
 def inference_template(adapter: AdapterConfig, spec, tokenizer, model: Path | None, where: str) -> Template:
@@ -156,7 +140,7 @@ class Pipeline:
 
     def chat(self, image: ImageInput | None = None, features: torch.Tensor | None = None) -> "ChatSession":
         """A multi-turn conversation about an image (or about stored `features`)."""
-        from align.tools.chat_session import ChatSession
+        from align.tools.inference.chat_session import ChatSession
 
         session = ChatSession(self)
         if image is not None:

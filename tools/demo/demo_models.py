@@ -14,9 +14,9 @@ from align.backbones.chat_templates import template_for
 from align.templates import IGNORE_INDEX, conversation_from_record, get_template, render
 from align.templates.conversation import conversation_from_turns
 from align.templates.text_tokenizer import TextTokenizer
-from align.tools.demo_world import CAPTIONS, QUESTIONS, Content, caption, conversation, every_content
-from align.tools.encoder import BlipEncoder, Encoder, build_encoder, save_encoder
-from align.tools.image_processing import Preprocessing
+from align.tools.demo.demo_world import CAPTIONS, QUESTIONS, Content, caption, conversation, every_content
+from align.backbones.vision.blip2 import BlipEncoder, Encoder, build_encoder, save_encoder
+from align.backbones.vision.preprocessing import Preprocessing
 
 IMAGE_SIZE, PATCH, QUERIES, WIDTH = 32, 16, 8, 32
 CONTROLS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

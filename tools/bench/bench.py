@@ -14,9 +14,10 @@ import transformers
 from PIL import Image
 
 from align import __version__
-from align.tools.encoder import DTYPES, BlipEncoder, Encoder, default_compute_dtype, load_encoder
-from align.tools.extract import ImageFiles
-from align.tools.image_processing import Preprocessing
+from align.backbones.vision import Encoder, default_compute_dtype, load_encoder
+from align.backbones.vision.blip2 import DTYPES, BlipEncoder
+from align.tools.features.extract import ImageFiles
+from align.backbones.vision.preprocessing import Preprocessing
 
 RESULTS_DIR = Path("bench") / "results"
 

@@ -26,13 +26,13 @@ from align.adapters.projector import build_projector
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.errors import AlignError
-from align.tools.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
-from align.tools.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
-from align.tools.extract import extract_features
+from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
+from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
+from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
-from align.tools.generation import GenerationOptions
-from align.tools.pipeline import Pipeline
-from align.tools.trainer import child_environment
+from align.tools.inference.generation import GenerationOptions
+from align.tools.inference.pipeline import Pipeline
+from align.tools.training.trainer import child_environment
 
 BACKBONE = "demo-tiny"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
@@ -160,10 +160,9 @@ def write_untrained_adapter(ws: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     projector = build_projector("linear", WIDTH, spec.hidden_size)
     store = FeatureStore.open(ws / "features")
-    config = AdapterConfig(projector="linear", in_features=WIDTH, out_features=spec.hidden_size, backbone=spec.name,
-                           hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, template=spec.template,
-                           num_query_tokens=QUERIES, encoder_fingerprint=store.meta["encoder_fingerprint"],
-                           stage="untrained", step=0)
+    config = AdapterConfig.for_backbone(spec, projector="linear", in_features=WIDTH, template=spec.template,
+                                        num_query_tokens=QUERIES, encoder_fingerprint=store.meta["encoder_fingerprint"],
+                                        stage="untrained")
     return save_adapter(ws / "runs" / "untrained" / "adapter", config, projector.state_dict())
 
 

@@ -4,8 +4,9 @@ from collections.abc import Callable
 
 import torch
 
-from align.tools.generation import GenerationOptions
-from align.tools.pipeline import ImageInput, Pipeline, Turn
+from align.tools.inference.generation import GenerationOptions
+from align.tools.images import ImageInput
+from align.tools.inference.pipeline import Pipeline, Turn
 
 
 class ChatSession:

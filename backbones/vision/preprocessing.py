@@ -1,22 +1,15 @@
-"""Image decoding with bad-input checks, and BLIP-2's evaluation and training views (PIL + numpy, no torchvision)."""
+"""BLIP-2's image preprocessing: the evaluation and training views its encoder was trained with (PIL + numpy,
+no torchvision)."""
 
-import io
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # CLIP's normalisation, as BLIP-2's image processors use it.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# PIL's own default decompression-bomb threshold.
-DEFAULT_MAX_PIXELS = 89_478_485
-
-
-class BadImage(Exception):
-    """An image that is skipped; the message is the reason written to rejects.jsonl."""
 
 
 @dataclass(frozen=True)
@@ -33,42 +26,6 @@ class Preprocessing:
     def as_dict(self) -> dict:
         """JSON-ready fields."""
         return asdict(self)
-
-
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_modes: bool = False) -> Image.Image:
-    """An RGB image from file bytes, or BadImage saying why not.
-
-    Images that are not plain RGB (CMYK, palette, grayscale, with alpha) are rejected unless `convert_modes`,
-    which converts them as LAVIS does (alpha composited on white): a silent conversion would change the data.
-    """
-    if not data:
-        raise BadImage("empty file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadImage("not an image file") from None
-    except Exception as exc:  # PIL raises many kinds for broken headers
-        raise BadImage(f"unreadable image: {exc}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb guard)")
-    if width < 1 or height < 1:
-        raise BadImage(f"degenerate size {width}x{height}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-    except Exception as exc:  # truncated or corrupt pixel data
-        raise BadImage(f"corrupt or truncated image data: {exc}") from None
-    if image.mode == "RGB":
-        return image
-    if not convert_modes:
-        raise BadImage(f"colour mode {image.mode} is not RGB (pass --convert-modes to convert it)")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _normalise(image: Image.Image, pre: Preprocessing) -> np.ndarray:

@@ -18,7 +18,7 @@ from align.errors import AlignError
 from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, render
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.manifest import read_manifest
-from align.tools.training_data import training_conversation
+from align.tools.training.training_data import training_conversation
 
 SUPERVISED_STYLE, CONTROL_STYLE, IMAGE_STYLE = "bold green", "cyan", "magenta"
 

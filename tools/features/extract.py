@@ -16,9 +16,10 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from align.errors import AlignError
-from align.tools.encoder import Encoder, default_compute_dtype, load_encoder
+from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import REJECTS, FeatureStore, image_key
-from align.tools.image_processing import DEFAULT_MAX_PIXELS, BadImage, Preprocessing, decode_image, views
+from align.backbones.vision.preprocessing import Preprocessing, views
+from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.tools.rejects import RejectLog
 
@@ -124,19 +125,6 @@ def _device(ranks: Ranks, device: str | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@torch.inference_mode()
-def encode(encoder: Encoder, pixels: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
-    """[N, V, 3, H, W] pixels → [N, V, queries, width] fp16 features."""
-    n, v = pixels.shape[:2]
-    flat = torch.from_numpy(pixels.reshape(n * v, *pixels.shape[2:]))
-    dtype = next(encoder.module.parameters()).dtype
-    outputs = [
-        encoder.module(flat[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
-        for i in range(0, n * v, batch_size)
-    ]
-    return torch.cat(outputs).reshape(n, v, *outputs[0].shape[1:]).to(torch.float16).numpy()
 
 
 def extract_features(

@@ -9,9 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from align.errors import AlignError
 from align.templates import conversation_from_record
-from align.tools.generation import GenerationOptions
+from align.tools.inference.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
-from align.tools.pipeline import Pipeline, read_image
+from align.tools.images import read_image
+from align.tools.inference.pipeline import Pipeline
 from align.tools.rejects import RejectLog
 
 DEFAULT_PROMPT = "Describe this image."

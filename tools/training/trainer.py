@@ -32,9 +32,9 @@ from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
 from align.backbones.chat_templates import template_for
 from align.tools.feature_store import FeatureStore
-from align.tools.recipe import Recipe, Stage, load_recipe
+from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.rejects import RejectLog
-from align.tools.training_data import BatchPlan, build_samples, collate
+from align.tools.training.training_data import BatchPlan, build_samples, collate
 
 DONE = "stage_done.json"
 
@@ -126,9 +126,8 @@ class Run:
 
 def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterConfig:
     """The metadata that binds this stage's projector to its backbone, template and encoder."""
-    return AdapterConfig(
-        projector=run.recipe.projector, in_features=run.store.row_shape[-1], out_features=run.spec.hidden_size,
-        backbone=run.spec.name, hidden_size=run.spec.hidden_size, vocab_size=run.spec.vocab_size, template=template,
+    return AdapterConfig.for_backbone(
+        run.spec, projector=run.recipe.projector, in_features=run.store.row_shape[-1], template=template,
         num_query_tokens=run.store.row_shape[1], encoder_fingerprint=run.store.meta["encoder_fingerprint"],
         stage=stage.name, step=step,
     )

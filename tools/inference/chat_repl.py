@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TextIO
 
 from align.errors import AlignError
-from align.tools.chat_session import ChatSession
-from align.tools.generation import GenerationOptions
-from align.tools.pipeline import Pipeline
+from align.tools.inference.chat_session import ChatSession
+from align.tools.inference.generation import GenerationOptions
+from align.tools.inference.pipeline import Pipeline
 
 HELP = """commands:
   :image PATH   talk about another image (starts a new conversation)

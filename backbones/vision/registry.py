@@ -1,0 +1,53 @@
+"""Encoder kinds, keyed by the exact `kind` an exported encoder's config names; each knows its release layouts."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.constants import ENCODER_CONFIG
+from align.errors import AlignError, DuplicateNameError, UnknownNameError
+from align.files import read_json_object
+
+
+class EncoderError(AlignError):
+    """An encoder directory that cannot be loaded as asked."""
+
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """One kind of frozen image encoder and how its directories load."""
+
+    name: str
+    load_export: Callable  # (directory, its encoder_config.json) → Encoder: align's own export of this kind
+    detect: Callable  # directory → a loader for the kind's release layout found there, or None
+    layouts: str  # the release layouts, for the error that lists what a directory may hold
+
+
+_KINDS: dict[str, EncoderKind] = {}
+
+
+def register_encoder_kind(kind: EncoderKind) -> EncoderKind:
+    """Add an encoder kind; a duplicate name is an error."""
+    if kind.name in _KINDS:
+        raise DuplicateNameError(f"encoder kind '{kind.name}' is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def load_encoder(path: Path | str):
+    """The frozen encoder in `path`: align's export (by its `kind`), else a release layout some kind recognises."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise EncoderError(f"encoder directory {path} does not exist")
+    if (path / ENCODER_CONFIG).is_file():
+        meta = read_json_object(path / ENCODER_CONFIG, EncoderError)
+        name = meta.get("kind", "blip2")  # exports made before kinds existed are BLIP-2
+        if name not in _KINDS:
+            raise UnknownNameError("encoder kind", str(name), _KINDS)
+        return _KINDS[name].load_export(path, meta)
+    for kind in _KINDS.values():
+        loader = kind.detect(path)
+        if loader is not None:
+            return loader(path)
+    layouts = "; ".join(f"{kind.layouts} ({kind.name})" for kind in _KINDS.values())
+    raise EncoderError(f"{path} is not an encoder: expected {ENCODER_CONFIG} (align export), or {layouts}")

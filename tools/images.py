@@ -1,0 +1,70 @@
+"""Reading images: decoding with bad-input checks (what extraction rejects, chat and captioning refuse), shared by
+the pipelines that take images."""
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+from PIL import Image, UnidentifiedImageError
+
+from align.errors import AlignError
+
+# PIL's own default decompression-bomb threshold.
+DEFAULT_MAX_PIXELS = 89_478_485
+ImageInput = Union[str, Path, Image.Image]
+
+
+class BadImage(Exception):
+    """An image that is skipped; the message is the reason written to rejects.jsonl."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_modes: bool = False) -> Image.Image:
+    """An RGB image from file bytes, or BadImage saying why not.
+
+    Images that are not plain RGB (CMYK, palette, grayscale, with alpha) are rejected unless `convert_modes`,
+    which converts them as LAVIS does (alpha composited on white): a silent conversion would change the data.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image file") from None
+    except Exception as exc:  # PIL raises many kinds for broken headers
+        raise BadImage(f"unreadable image: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels} (decompression bomb guard)")
+    if width < 1 or height < 1:
+        raise BadImage(f"degenerate size {width}x{height}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise BadImage(f"corrupt or truncated image data: {exc}") from None
+    if image.mode == "RGB":
+        return image
+    if not convert_modes:
+        raise BadImage(f"colour mode {image.mode} is not RGB (pass --convert-modes to convert it)")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(image: ImageInput) -> Image.Image:
+    """An RGB image from a path (checked as training inputs are, other colour modes converted) or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AlignError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    try:
+        return decode_image(data, convert_modes=True)
+    except BadImage as exc:
+        raise AlignError(f"cannot read image {path}: {exc}") from None
