@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from align import __version__
+from align.constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION
 from align.errors import AlignError
 
 app = typer.Typer(
@@ -383,7 +384,7 @@ def chat(
     dtype: LlmDtypeOpt = None,
     quantization: QuantizationOpt = "none",
     trust_remote_code: TrustRemoteCodeOpt = False,
-    max_new_tokens: MaxNewTokens = 256,
+    max_new_tokens: MaxNewTokens = DEFAULT_MAX_NEW_TOKENS,
     temperature: Temperature = 0.0,
     top_p: TopP = 0.9,
     beams: Beams = 1,
@@ -413,14 +414,14 @@ def caption(
     out: Annotated[Path, typer.Option(help="Predictions file (JSON Lines); an existing one is continued.")],
     model: ModelOpt = None,
     encoder: EncoderOpt = None,
-    prompt: Annotated[str, typer.Option(help="Question for records without their own.")] = "Describe this image.",
+    prompt: Annotated[str, typer.Option(help="Question for records without their own.")] = DEFAULT_QUESTION,
     image_root: Annotated[Optional[Path], typer.Option(help="Folder relative image paths start from (default: the manifest's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images generated together (left-padded).")] = 8,
     device: DeviceOpt = None,
     dtype: LlmDtypeOpt = None,
     quantization: QuantizationOpt = "none",
     trust_remote_code: TrustRemoteCodeOpt = False,
-    max_new_tokens: MaxNewTokens = 64,
+    max_new_tokens: MaxNewTokens = DEFAULT_MAX_NEW_TOKENS,
     temperature: Temperature = 0.0,
     top_p: TopP = 0.9,
     beams: Beams = 1,

@@ -1,4 +1,5 @@
-"""Every fixed file and folder name align reads or writes, in one place (as PEFT's utils/constants.py)."""
+"""Every fixed file and folder name align reads or writes, and the generation defaults, in one place (as PEFT's
+utils/constants.py)."""
 
 # Adapters (`adapters/adapter_files.py`): a directory with these two files.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,3 +26,7 @@ LATEST = "latest"
 
 # Every job's skipped inputs, with reasons (`tools/rejects.py` names them).
 REJECTS = "rejects.jsonl"
+
+# Generation defaults shared by the CLI, captioning and the demo (plain values, so the CLI reads them without torch).
+DEFAULT_QUESTION = "Describe this image."
+DEFAULT_MAX_NEW_TOKENS = 256

@@ -10,12 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from align.backbones import model_dir
+from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.native import layout_for
 from align.backbones.spec import BackboneSpec
 from align.errors import BackboneError
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class RemoteCodeError(BackboneError):
     """A model whose architecture only its own code runs, loaded without the opt-in."""

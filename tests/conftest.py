@@ -30,7 +30,7 @@ BAICHUAN_RESERVED = [f"<reserved_{i}>" for i in range(3, 200)]
 
 def run_align(*args, home: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run `python -m align ARGS` in a fresh process, as a user would (with `home` as $ALIGN_HOME)."""
-    from align.tools.training.trainer import child_environment
+    from align.tools.runtime import child_environment
 
     env = child_environment() | ({"ALIGN_HOME": str(home)} if home else {})
     return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, env=env,

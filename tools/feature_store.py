@@ -20,7 +20,7 @@ import numpy as np
 
 from align.constants import REJECTS, STORE_META, STORE_SHARDS
 from align.errors import AlignError
-from align.files import write_atomic
+from align.files import read_json_object, write_atomic
 
 FORMAT, FORMAT_VERSION = "align-feature-store", 1
 DTYPE = np.float16
@@ -70,10 +70,7 @@ class FeatureStore:
         path = Path(path)
         if not (path / STORE_META).is_file():
             raise StoreError(f"{path} is not a feature store (no {STORE_META}); create it with `align features extract`")
-        try:
-            meta = json.loads((path / STORE_META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"cannot read {path / STORE_META}: {exc}") from None
+        meta = read_json_object(path / STORE_META, StoreError)
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} store")
         store = cls(path, meta)

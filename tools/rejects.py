@@ -6,6 +6,15 @@ from pathlib import Path
 
 import jsonlines
 
+from align.constants import REJECTS
+
+
+def rejects_path(output: Path) -> Path:
+    """Where a job that writes the file `output` lists what it skipped: `<output stem>.rejects.jsonl` beside it (a
+    job that writes a folder keeps `rejects.jsonl` inside it)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.{REJECTS}")
+
 
 class RejectLog:
     """Appends rejects to a JSON Lines file (safe to share between processes); a reject already logged is not repeated."""

@@ -26,13 +26,13 @@ from align import __version__
 from align.backbones.vision.registry import EncoderError, EncoderKind, register_encoder_kind
 from align.constants import ENCODER_CONFIG, ENCODER_WEIGHTS
 from align.files import read_json_object, write_atomic
+from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.vision.preprocessing import Preprocessing
 
 BLIP2 = "blip2"
 FORMAT, FORMAT_VERSION = "align-blip2-encoder", 1
 ENCODER_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 LAVIS_VISION_FILE = "eva_vit_g.pth"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BlipEncoder(nn.Module):
@@ -78,11 +78,11 @@ class Encoder:
 
     def made(self, fingerprint: str) -> bool:
         """True when features with this fingerprint came from these weights and preprocessing, in any dtype."""
-        return any(self.fingerprint(dtype) == fingerprint for dtype in DTYPES)
+        return any(self.fingerprint(dtype) == fingerprint for dtype in TORCH_DTYPES)
 
     def to(self, device: torch.device, dtype: str) -> "Encoder":
         """Move to a device in a compute dtype, frozen and in eval mode."""
-        self.module.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        self.module.to(device=device, dtype=TORCH_DTYPES[dtype]).eval().requires_grad_(False)
         return self
 
 
@@ -135,7 +135,7 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def _hf_weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, EncoderError).get("weight_map") or {}
         # Only the shards that hold encoder tensors are opened.
         return sorted({path / file for name, file in weight_map.items() if _encoder_key(name)})
     files = sorted(path.glob("*.safetensors"))

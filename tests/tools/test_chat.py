@@ -9,7 +9,8 @@ import torch
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.errors import AlignError
-from align.tools.inference.caption import caption_manifest, rejects_path
+from align.tools.inference.caption import caption_manifest
+from align.tools.rejects import rejects_path
 from align.tools.inference.chat_repl import open_session, run_repl
 from align.tools.feature_store import FeatureStore
 from align.tools.inference.generation import GenerationOptions, Stops

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from align.adapters.adapter_files import AdapterError, load_adapter
 from align.tools.training.recipe import RecipeError, load_recipe
-from align.tools.training.trainer import child_environment, train
+from align.tools.runtime import child_environment
+from align.tools.training.trainer import train
 from conftest import run_align
 
 ROOT = Path(__file__).resolve().parents[2]

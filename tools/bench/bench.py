@@ -14,10 +14,12 @@ import transformers
 from PIL import Image
 
 from align import __version__
+from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.vision import Encoder, default_compute_dtype, load_encoder
-from align.backbones.vision.blip2 import DTYPES, BlipEncoder
-from align.tools.features.extract import ImageFiles
+from align.backbones.vision.blip2 import BlipEncoder
 from align.backbones.vision.preprocessing import Preprocessing
+from align.tools.features.extract import ImageFiles
+from align.tools.runtime import local_device
 
 RESULTS_DIR = Path("bench") / "results"
 
@@ -62,7 +64,7 @@ def time_decoding(paths: list[str], pre: Preprocessing, workers: int, batch_size
 def time_encoding(encoder: Encoder, device: torch.device, dtype: str, batch_size: int, iterations: int) -> float:
     """Images/s of the encoder forward pass alone, after one warm-up batch."""
     size = encoder.preprocessing.image_size
-    pixels = torch.randn(batch_size, 3, size, size, device=device, dtype=DTYPES[dtype])
+    pixels = torch.randn(batch_size, 3, size, size, device=device, dtype=TORCH_DTYPES[dtype])
     encoder.module(pixels)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,7 +87,7 @@ def bench_features(
     out_dir: Path = RESULTS_DIR,
 ) -> tuple[dict, Path]:
     """Measure decoding and encoding images/s separately on the current device; write and return the result."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     dtype = dtype or default_compute_dtype(device)
     encoder = load_encoder(encoder_path) if encoder_path else full_size_encoder()
     encoder.to(device, dtype)

@@ -25,6 +25,7 @@ from align.adapters.adapter_files import AdapterConfig, save_adapter
 from align.adapters.projector import build_projector
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.constants import ADAPTER_DIR
 from align.errors import AlignError
 from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
@@ -32,7 +33,7 @@ from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
 from align.tools.inference.generation import GenerationOptions
 from align.tools.inference.pipeline import Pipeline
-from align.tools.training.trainer import child_environment
+from align.tools.runtime import child_environment
 
 BACKBONE = "demo-tiny"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
@@ -163,7 +164,7 @@ def write_untrained_adapter(ws: Path, seed: int) -> Path:
     config = AdapterConfig.for_backbone(spec, projector="linear", in_features=WIDTH, template=spec.template,
                                         num_query_tokens=QUERIES, encoder_fingerprint=store.meta["encoder_fingerprint"],
                                         stage="untrained")
-    return save_adapter(ws / "runs" / "untrained" / "adapter", config, projector.state_dict())
+    return save_adapter(ws / "runs" / "untrained" / ADAPTER_DIR, config, projector.state_dict())
 
 
 def run_train(recipe: Path, quiet: bool) -> None:
@@ -180,7 +181,7 @@ def score(ws: Path, held_out: list[tuple[Path, Content]]) -> tuple[dict[str, flo
     accuracy, examples, features = {}, [], None
     options = GenerationOptions(max_new_tokens=24)
     for label, stage in STAGES.items():
-        pipeline = Pipeline.load(ws / "runs" / stage / "adapter", model=ws / "llm", encoder=ws / "encoder", device="cpu")
+        pipeline = Pipeline.load(ws / "runs" / stage / ADAPTER_DIR, model=ws / "llm", encoder=ws / "encoder", device="cpu")
         if features is None:
             features = pipeline.image_features([path for path, _ in held_out])
         prompts = [pipeline.prompt([(DESCRIBE, None)], with_image=True, room=options.max_new_tokens)] * len(held_out)

@@ -9,14 +9,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Blip2Config, Qwen2Config, Qwen2ForCausalLM
 
-from align.backbones.spec import BackboneSpec
+from align.adapters.batch import pad_batch
 from align.backbones.chat_templates import template_for
-from align.templates import IGNORE_INDEX, conversation_from_record, get_template, render
+from align.backbones.spec import BackboneSpec
+from align.backbones.vision.blip2 import BlipEncoder, Encoder, build_encoder, save_encoder
+from align.backbones.vision.preprocessing import Preprocessing
+from align.templates import Rendered, conversation_from_record, get_template, render
 from align.templates.conversation import conversation_from_turns
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.demo.demo_world import CAPTIONS, QUESTIONS, Content, caption, conversation, every_content
-from align.backbones.vision.blip2 import BlipEncoder, Encoder, build_encoder, save_encoder
-from align.backbones.vision.preprocessing import Preprocessing
 
 IMAGE_SIZE, PATCH, QUERIES, WIDTH = 32, 16, 8, 32
 CONTROLS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -76,7 +77,8 @@ def build_demo_llm(spec: BackboneSpec, seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec, rng: random.Random) -> dict:
+def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec, rng: random.Random
+                 ) -> tuple[Rendered, list[list[int]]]:
     """A caption or a chat rendered exactly as training will render it; its image slots will hold the embeddings of
     the content's words (see `pretrain_text`), so the LLM learns to describe what the slots say."""
     if rng.random() < 0.5:
@@ -86,11 +88,7 @@ def text_example(content: Content, tokenizer: TextTokenizer, spec: BackboneSpec,
         template = template_for(spec, tokenizer)
         chat = conversation_from_turns(conversation(content, rng, turns=rng.choice((1, 2))), with_image=True)
     rendered = render(template, chat, tokenizer, system=spec.system, num_query_tokens=QUERIES)
-    slots = [False] * len(rendered.input_ids)
-    for start, length in rendered.images:
-        slots[start:start + length] = [True] * length
-    words = [tokenizer.encode(" " + content.colour), tokenizer.encode(" " + content.shape)]
-    return {"ids": rendered.input_ids, "labels": rendered.labels, "slots": slots, "words": words}
+    return rendered, [tokenizer.encode(" " + content.colour), tokenizer.encode(" " + content.shape)]
 
 
 def _slot_embedding(embedding: torch.nn.Embedding, words: list[list[int]]) -> torch.Tensor:
@@ -110,20 +108,12 @@ def pretrain_text(llm: Qwen2ForCausalLM, tokenizer: TextTokenizer, spec: Backbon
     llm.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        batch = [text_example(rng.choice(contents), tokenizer, spec, rng) for _ in range(batch_size)]
-        longest = max(len(x["ids"]) for x in batch)
-        ids = torch.full((batch_size, longest), tokenizer.pad_id)
-        labels = torch.full((batch_size, longest), IGNORE_INDEX)
-        mask = torch.zeros((batch_size, longest), dtype=torch.long)
-        slots = torch.zeros((batch_size, longest), dtype=torch.bool)
-        for b, x in enumerate(batch):
-            n = len(x["ids"])
-            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(x["ids"]), torch.tensor(x["labels"]), 1
-            slots[b, :n] = torch.tensor(x["slots"])
-        embeds = embedding(ids)
-        per_sample = torch.stack([_slot_embedding(embedding, x["words"]) for x in batch])
-        embeds = torch.where(slots.unsqueeze(-1), per_sample[:, None, :], embeds)
-        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        examples = [text_example(rng.choice(contents), tokenizer, spec, rng) for _ in range(batch_size)]
+        batch = pad_batch([rendered for rendered, _ in examples], tokenizer.pad_id)
+        embeds = embedding(batch.input_ids)
+        per_sample = torch.stack([_slot_embedding(embedding, words) for _, words in examples])
+        embeds = torch.where(batch.image_mask.unsqueeze(-1), per_sample[:, None, :], embeds)
+        loss = llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

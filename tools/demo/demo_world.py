@@ -6,9 +6,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from align.constants import DEFAULT_QUESTION
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
-DESCRIBE = "Describe this image."
+DESCRIBE = DEFAULT_QUESTION
 CAPTIONS = ("a {colour} {shape}.", "a {colour} {shape} on a light background.", "this is a {colour} {shape}.")
 QUESTIONS = (
     (DESCRIBE, "It is a {colour} {shape}."),

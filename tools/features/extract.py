@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from align.errors import AlignError
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
@@ -22,6 +21,7 @@ from align.backbones.vision.preprocessing import Preprocessing, views
 from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.tools.rejects import RejectLog
+from align.tools.runtime import local_device, progress_columns, start_ranks
 
 
 class ExtractError(AlignError):
@@ -48,37 +48,6 @@ class ExtractSummary:
     def as_dict(self) -> dict:
         """JSON-ready fields."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among torchrun's processes."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group when there are several."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        ranks = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return ranks
-
-    def barrier(self) -> None:
-        """Wait for every rank (no-op alone)."""
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, values: list[int]) -> list[int]:
-        """Element-wise sum over ranks."""
-        if self.world == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.long)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -121,12 +90,6 @@ def collect_images(manifests: Iterable[Path], image_root: Path | None, rejects: 
     return list(seen)
 
 
-def _device(ranks: Ranks, device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device(f"cuda:{ranks.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def extract_features(
     manifests: list[Path],
     encoder_path: Path,
@@ -145,8 +108,8 @@ def extract_features(
 ) -> ExtractSummary:
     """Encode every image the manifests name that the store does not hold yet; return the summary."""
     started = time.perf_counter()
-    ranks = Ranks.from_env()
-    where = _device(ranks, device)
+    ranks = start_ranks()
+    where = local_device(device)
     dtype = dtype or default_compute_dtype(where)
     encoder = load_encoder(encoder_path).to(where, dtype)
     row_shape = (1 + n_views, *encoder.row_shape)
@@ -208,10 +171,7 @@ def _extract_share(
             store.commit(writer, list(keys), np.concatenate(rows) if rows else np.zeros((0, *store.row_shape)), dict(sources))
             keys.clear(), rows.clear(), sources.clear(), uncommitted.clear()
 
-    columns = [
-        TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
-        TimeElapsedColumn(),
-    ]
+    columns = progress_columns("extracting", "{task.fields[rate]} images/s")
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
         task = bar.add_task("extract", total=len(paths), rate="-")
         started = time.perf_counter()

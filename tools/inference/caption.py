@@ -5,17 +5,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
 from align.templates import conversation_from_record
 from align.tools.inference.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
 from align.tools.images import read_image
+from align.tools.runtime import progress_columns
 from align.tools.inference.pipeline import Pipeline
-from align.tools.rejects import RejectLog
+from align.tools.rejects import RejectLog, rejects_path
 
-DEFAULT_PROMPT = "Describe this image."
 
 
 @dataclass
@@ -33,11 +34,6 @@ class CaptionSummary:
     def as_dict(self) -> dict:
         """JSON-ready fields."""
         return asdict(self)
-
-
-def rejects_path(out: Path) -> Path:
-    """Where the records skipped for `out` are listed."""
-    return out.with_name(out.name + ".rejects.jsonl")
 
 
 def question_of(record: dict, default_prompt: str) -> tuple[str, str | None]:
@@ -70,7 +66,7 @@ def _finished_lines(out: Path) -> set[int]:
 
 
 def caption_manifest(
-    pipeline: Pipeline, manifest: Path, out: Path, *, prompt: str = DEFAULT_PROMPT,
+    pipeline: Pipeline, manifest: Path, out: Path, *, prompt: str = DEFAULT_QUESTION,
     options: GenerationOptions | None = None, batch_size: int = 8, image_root: Path | None = None, progress: bool = True,
 ) -> CaptionSummary:
     """Answer every record of a manifest (its own first question, else `prompt`) about its one image."""
@@ -92,7 +88,7 @@ def caption_manifest(
         else:
             pending.append(item)
 
-    columns = [TextColumn("[bold]caption[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = progress_columns("[bold]caption[/bold]")
     with out.open("a", encoding="utf-8") as predictions, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("caption", total=len(pending))
         for i in range(0, len(pending), batch_size):

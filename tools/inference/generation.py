@@ -7,7 +7,9 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from align.adapters.batch import pad_batch
 from align.adapters.vision_llm import VisionLLM
+from align.constants import DEFAULT_MAX_NEW_TOKENS
 from align.errors import AlignError
 from align.templates import Rendered
 from align.templates.text_tokenizer import TextTokenizer
@@ -17,7 +19,7 @@ from align.templates.text_tokenizer import TextTokenizer
 class GenerationOptions:
     """How to pick tokens; temperature 0 is greedy (beam search when num_beams > 1)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 0.9
     num_beams: int = 1
@@ -126,18 +128,9 @@ def generate(
     if on_text is not None and (len(prompts) != 1 or options.num_beams > 1):
         raise AlignError("streaming needs one prompt and no beam search (use --beams 1)")
     device = model.llm.get_input_embeddings().weight.device
-    longest = max(len(p.input_ids) for p in prompts)
-    input_ids = torch.full((len(prompts), longest), tokenizer.pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), longest), dtype=torch.long)
-    image_mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
-    for b, prompt in enumerate(prompts):
-        shift = longest - len(prompt.input_ids)  # left padding: every prompt ends where generation starts
-        input_ids[b, shift:] = torch.tensor(prompt.input_ids)
-        attention[b, shift:] = 1
-        for start, length in prompt.images:
-            image_mask[b, shift + start:shift + start + length] = True
-    input_ids, attention, image_mask = input_ids.to(device), attention.to(device), image_mask.to(device)
-    embeds = model.embed(input_ids, image_mask, features.to(device))
+    batch = pad_batch(prompts, tokenizer.pad_id, left=True).to(device)
+    input_ids, attention, longest = batch.input_ids, batch.attention_mask, batch.input_ids.shape[1]
+    embeds = model.embed(input_ids, batch.image_mask, features.to(device))
     criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stops, longest)] if stops.strings else [])
     streamer = _TextStream(tokenizer, stops, on_text) if on_text is not None else None
     # LLMs often have more embedding rows than the tokenizer has ids (padded for speed); those rows are never picked.

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter
 from align.adapters.projector import build_projector
@@ -21,21 +20,17 @@ from align.adapters.vision_llm import VisionLLM
 from align.backbones.chat_templates import template_for
 from align.backbones.llm import load_frozen_llm
 from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
+from align.backbones.vision.preprocessing import eval_view
 from align.errors import AlignError
 from align.templates import Rendered, Template, render, resolve_controls, stop_ids
 from align.templates.conversation import conversation_from_turns
-from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import FeatureStore
-from align.tools.inference.generation import GenerationOptions, Stops, generate
-from align.backbones.vision.preprocessing import eval_view
 from align.tools.images import ImageInput, read_image
+from align.tools.inference.generation import GenerationOptions, Stops, generate
+from align.tools.runtime import local_device
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
-
-
-def default_device() -> torch.device:
-    """The first GPU when there is one, else the CPU."""
-    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def inference_template(adapter: AdapterConfig, spec, tokenizer, model: Path | None, where: str) -> Template:
@@ -73,7 +68,7 @@ class Pipeline:
         config, state = load_adapter(Path(adapter))
         spec = get_backbone(backbone or config.backbone)
         config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, where=str(adapter))
-        device = torch.device(device) if device is not None else default_device()
+        device = local_device(device)
         model = Path(model) if model else None
         tokenizer = backbone_tokenizer(spec, model)
         template = inference_template(config, spec, tokenizer, model, str(adapter))

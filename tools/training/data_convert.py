@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonlines
 
 from align.errors import AlignError, UnknownNameError
-from align.tools.rejects import RejectLog
+from align.tools.rejects import RejectLog, rejects_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MINIGPT4_PLACEHOLDER = "<Img><ImageHere></Img>"
@@ -126,8 +126,7 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
     if not src.exists():
         raise AlignError(f"{src} does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rejects_path = out.with_name(out.stem + ".rejects.jsonl")
-    rejects = RejectLog(rejects_path)
+    rejects = RejectLog(rejects_path(out))
     written = 0
     with jsonlines.open(out, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
         for where, result in CONVERTERS[fmt](src, image_root):
@@ -137,4 +136,4 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
                 writer.write(result)
                 written += 1
     rejects.close()
-    return ConvertSummary(written, rejects.total, str(out), str(rejects_path))
+    return ConvertSummary(written, rejects.total, str(out), str(rejects.path))

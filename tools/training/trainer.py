@@ -7,65 +7,35 @@ projector before the engine exists (which is what makes ZeRO-3 stage chaining wo
 
 import json
 import math
-import os
 import random
 import resource
 import signal
-import socket
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.llm import TORCH_DTYPES, cpu_accelerator_without_gpu, load_frozen_llm, remote_code_opt_in
+from align.backbones.dtypes import TORCH_DTYPES
+from align.backbones.llm import load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
+from align.constants import ADAPTER_DIR, CHECKPOINTS, LATEST, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
 from align.errors import AlignError
 from align.backbones.chat_templates import template_for
 from align.tools.feature_store import FeatureStore
 from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.rejects import RejectLog
+from align.tools.runtime import local_device, progress_columns, start_ranks
 from align.tools.training.training_data import BatchPlan, build_samples, collate
 
-DONE = "stage_done.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_environment() -> dict[str, str]:
-    """os.environ without the rendezvous variables an in-process run set, so a child `align` starts its own group."""
-    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
-
-
-def start_distributed() -> tuple[int, int]:
-    """Start DeepSpeed's process group (gloo on CPU, with its CPU accelerator; nccl on GPU); (rank, world)."""
-    cpu_accelerator_without_gpu()
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def lr_at(step: int, total: int, stage: Stage) -> float:
@@ -162,12 +132,12 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
 
     runtime = run.recipe.runtime
     stage_dir = runtime.output_dir / stage.name
-    adapter_dir = stage_dir / "adapter"
-    if resume and (stage_dir / DONE).is_file():
+    adapter_dir = stage_dir / ADAPTER_DIR
+    if resume and (stage_dir / STAGE_DONE).is_file():
         return adapter_dir
     tokenizer = backbone_tokenizer(run.spec, run.recipe.backbone.model)
     template = template_for(run.spec, tokenizer, name=stage.template, model=run.recipe.backbone.model)
-    rejects = RejectLog(stage_dir / "rejects.jsonl") if run.main else None
+    rejects = RejectLog(stage_dir / REJECTS) if run.main else None
     per_source = build_samples(
         [d.manifest for d in stage.data], run.store, template, tokenizer, system=run.spec.system,
         max_length=stage.max_length, prompts=stage.prompts, seed=runtime.seed,
@@ -207,8 +177,8 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     run.model.check_frozen()
 
     start = 0
-    checkpoints = stage_dir / "checkpoints"
-    if resume and (checkpoints / "latest").is_file():
+    checkpoints = stage_dir / CHECKPOINTS
+    if resume and (checkpoints / LATEST).is_file():
         _, client = engine.load_checkpoint(str(checkpoints))
         start = client["step"]
         torch.set_rng_state(client["torch_rng"])
@@ -221,10 +191,9 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         if run.main:
             save_adapter(adapter_dir, adapter_config(run, stage, step, template.name), state)
 
-    metrics = (runtime.output_dir / "metrics.jsonl").open("a") if run.main else None
+    metrics = (runtime.output_dir / METRICS).open("a") if run.main else None
     amp = TORCH_DTYPES[runtime.precision] if runtime.precision != "fp32" else None
-    columns = [TextColumn(f"[bold]{stage.name}[/bold]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
+    columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}")
     step = start
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
         task = bar.add_task(stage.name, total=total, completed=start, loss="-")
@@ -271,7 +240,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     if run.main:
         summary = {"stage": stage.name, "steps": total, "samples": plan.size,
                    "rejected": rejects.total if rejects else 0, "final_loss": record["loss"] if total > start else None}
-        (stage_dir / DONE).write_text(json.dumps(summary))
+        (stage_dir / STAGE_DONE).write_text(json.dumps(summary))
         if show_progress:
             bar.console.print(f"{stage.name}: {total} steps on {plan.size} samples ({summary['rejected']} rejected), "
                               f"final loss {summary['final_loss']}", highlight=False)
@@ -300,8 +269,9 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
     recipe = load_recipe(recipe_path, list(overrides))
     if output is not None:
         recipe.runtime.output_dir = output.resolve()
-    rank, world = start_distributed()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() else torch.device("cpu")
+    ranks = start_ranks(always=True, deepspeed=True)
+    rank, world = ranks.rank, ranks.world
+    device = local_device()
     random.seed(recipe.runtime.seed)
     np.random.seed(recipe.runtime.seed)
     spec = get_backbone(recipe.backbone.name)
@@ -317,7 +287,7 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
     run.model = VisionLLM(llm, torch.nn.Identity())  # each stage puts its own projector engine here
     if run.main:
         recipe.runtime.output_dir.mkdir(parents=True, exist_ok=True)
-        (recipe.runtime.output_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        (recipe.runtime.output_dir / RECIPE_JSON).write_text(recipe.model_dump_json(indent=2))
     adapters, previous = [], None
     for stage in recipe.stages:
         previous = train_stage(run, stage, previous, resume, show_progress)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from align.adapters.batch import pad_batch
 from align.errors import AlignError
-from align.templates import IGNORE_INDEX, Conversation, Template, conversation_from_record, render
+from align.templates import Conversation, Template, conversation_from_record, render
 from align.templates.conversation import IMAGE_MARKER
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.feature_store import FeatureStore
@@ -114,20 +115,8 @@ class BatchPlan:
 
 def collate(samples: list[Sample], store: FeatureStore, view: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest sample in the micro-batch (right side); gather each image's features for `view`."""
-    longest = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(samples), longest), dtype=torch.long)
-    image_mask = torch.zeros((len(samples), longest), dtype=torch.bool)
-    rows = []
-    for b, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        input_ids[b, :n] = torch.tensor(sample.input_ids)
-        labels[b, :n] = torch.tensor(sample.labels)
-        attention[b, :n] = 1
-        for (start, length), key in zip(sample.images, sample.keys):
-            image_mask[b, start:start + length] = True
-            rows.append(np.asarray(store.get(key)[view], dtype=np.float32))
+    batch = pad_batch(samples, pad_id)
+    rows = [np.asarray(store.get(key)[view], dtype=np.float32) for sample in samples for key in sample.keys]
     features = torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *store.row_shape[1:]))
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "image_mask": image_mask,
-            "features": features}
+    return {"input_ids": batch.input_ids, "labels": batch.labels, "attention_mask": batch.attention_mask,
+            "image_mask": batch.image_mask, "features": features}

@@ -1,0 +1,92 @@
+"""Run-time setup shared by the pipelines: this process's place among the ranks, its device, the process group,
+the environment for child `align` processes, and the progress display."""
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+
+from align.backbones.llm import cpu_accelerator_without_gpu
+
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launcher's processes (torchrun's RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that writes shared files and prints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op alone)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[int]) -> list[int]:
+        """Element-wise sum over ranks."""
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(*, always: bool = False, deepspeed: bool = False) -> Ranks:
+    """Read the rank environment (one process when there is none), set this rank's GPU, and start the process group
+    (nccl on GPU, gloo on CPU) when there are several processes, or `always` (DeepSpeed needs one even alone);
+    `deepspeed` starts it through DeepSpeed's communication layer."""
+    cpu_accelerator_without_gpu()
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)
+    if (always or ranks.world > 1) and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if deepspeed:
+            import deepspeed as ds
+
+            # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+            ds.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            dist.init_process_group(backend)
+    return ranks
+
+
+def local_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` when given, else this rank's GPU (LOCAL_RANK), else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
+def child_environment() -> dict[str, str]:
+    """os.environ without the rendezvous variables an in-process run set, so a child `align` starts its own group."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+
+
+def progress_columns(label: str, *fields: str) -> list[ProgressColumn]:
+    """The progress display every long job shows: label, bar, done/total, its own fields, elapsed time."""
+    return [TextColumn(label), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
+            TimeElapsedColumn()]
