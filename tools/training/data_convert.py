@@ -8,6 +8,7 @@ from pathlib import Path
 import jsonlines
 
 from align.errors import AlignError, UnknownNameError
+from align.files import read_json_object
 from align.tools.rejects import RejectLog, rejects_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -92,8 +93,8 @@ def caption_folder(src: Path, image_root: Path | None) -> Converted:
             caption = text.read_text(encoding="utf-8", errors="replace").strip()
         elif meta.is_file():
             try:
-                caption = json.loads(meta.read_text(encoding="utf-8")).get("caption")
-            except (json.JSONDecodeError, AttributeError):
+                caption = read_json_object(meta).get("caption")
+            except AlignError:
                 caption = None
         if not isinstance(caption, str) or not caption.strip():
             yield str(image), "no caption (.txt or .json with 'caption') beside the image"
