@@ -59,13 +59,14 @@ def start_ranks(*, always: bool = False, deepspeed: bool = False) -> Ranks:
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)
+    if deepspeed:
+        # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if (always or ranks.world > 1) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if deepspeed:
             import deepspeed as ds
 
-            # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
-            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
             ds.init_distributed(dist_backend=backend, verbose=False)
         else:
             dist.init_process_group(backend)
