@@ -43,37 +43,9 @@ PRETRAIN_STEPS = 300
 REQUIRED_GAIN = 0.3
 STAGES = {"untrained": "untrained", "stage1": "caption", "stage2": "chat"}
 
-RECIPE = """\
-# align train {recipe}
-# Written by `align demo`: MiniGPT-4's two stages on the demo's tiny models (CPU, fp32, seconds per stage).
-backbone: {{name: {backbone}, model: llm}}
-features: features
-projector: linear
-stages:
-  - name: caption                         # stage 1: image slots, then the caption (no prompt)
-    template: caption
-    data: [{{manifest: data/captions.jsonl}}]
-    max_length: 48
-    global_batch_size: 16
-    micro_batch_size: 16
-    epochs: 20
-    lr: {{init_lr: 1.0e-2, min_lr: 1.0e-3, warmup_lr: 1.0e-3, warmup_steps: 4}}
-    weight_decay: 0.0
-  - name: chat                            # stage 2: conversations in the backbone's own template (chatml)
-    data: [{{manifest: data/chat.jsonl}}]
-    max_length: 96
-    global_batch_size: 16
-    micro_batch_size: 16
-    epochs: 10
-    lr: {{init_lr: 3.0e-3, min_lr: 3.0e-4, warmup_lr: 3.0e-4, warmup_steps: 2}}
-    weight_decay: 0.0
-runtime:
-  precision: fp32
-  zero_stage: 0
-  seed: {seed}
-  save_interval: 1000
-  output_dir: runs
-"""
+# The demo's recipe is a shipped file like any other; the demo copies it into its workspace (paths are relative to
+# the recipe) and sets the seed with --set.
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 
 class DemoError(AlignError):
@@ -167,10 +139,10 @@ def write_untrained_adapter(ws: Path, seed: int) -> Path:
     return save_adapter(ws / "runs" / "untrained" / ADAPTER_DIR, config, projector.state_dict())
 
 
-def run_train(recipe: Path, quiet: bool) -> None:
-    """`align train recipe.yaml` in its own process, exactly as a user would run it."""
-    result = subprocess.run([sys.executable, "-m", "align", "train", str(recipe)], env=child_environment(),
-                            capture_output=quiet, text=True)
+def run_train(recipe: Path, seed: int, quiet: bool) -> None:
+    """`align train recipe.yaml --set runtime.seed=N` in its own process, exactly as a user would run it."""
+    command = [sys.executable, "-m", "align", "train", str(recipe), "--set", f"runtime.seed={seed}"]
+    result = subprocess.run(command, env=child_environment(), capture_output=quiet, text=True)
     if result.returncode != 0:
         detail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []
         raise DemoError(f"`align train {recipe}` failed (exit {result.returncode}) {' '.join(detail)}")
@@ -210,10 +182,11 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
     extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=False, batch_size=64)
     recipe = ws / "recipe.yaml"
-    recipe.write_text(RECIPE.format(recipe=recipe, backbone=BACKBONE, seed=seed))
-    say(f"[4/5] align train {recipe}: stage 1 (captions), stage 2 (chat); only the projector learns")
+    shutil.copy(RECIPE, recipe)
+    say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stage 1 (captions), stage 2 (chat); "
+        "only the projector learns")
     write_untrained_adapter(ws, seed)
-    run_train(recipe, quiet)
+    run_train(recipe, seed, quiet)
     say(f"[5/5] asking the LLM to describe each of the {len(held_out)} held-out pictures, with each projector")
     accuracy, examples = score(ws, held_out)
     result = DemoResult(held_out=len(held_out), accuracy=accuracy, seconds=round(time.perf_counter() - started, 1),
