@@ -1,4 +1,6 @@
-"""Backbones: specs (presets + user registry), native tokenizers, LLM loading.
+"""Backbones (layer 2): everything frozen. LLM specs (presets + user registry), native tokenizers, each backbone's
+chat template (`chat_templates`), LLM loading with native layouts for official checkpoints (`llm`, `native/`), and
+the vision encoders (`vision/`).
 
 `from align.backbones import load_llm` is the public way to get a backbone's frozen LLM (imported on first use, so
 that reading specs and tokenizers does not load torch).

@@ -40,3 +40,34 @@ def test_no_layer_imports_a_higher_one():
 def test_templates_do_not_import_torch():
     code = "import sys, align.templates; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+PIPELINES = ("features", "training", "inference")  # each stands alone
+COMPOSITES = ("demo", "bench")  # run the pipelines above, as a user would
+
+
+def tools_room(module: str) -> str | None:
+    """`features` for align.tools.features.extract; `shared` for align.tools.rejects; None outside tools."""
+    parts = module.split(".")
+    if parts[:2] != ["align", "tools"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in PIPELINES + COMPOSITES else "shared"
+
+
+def test_pipelines_do_not_import_each_other():
+    problems = []
+    for path in (ROOT / "tools").rglob("*.py"):
+        room = tools_room("align." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
+        for name in imports_of(path):
+            other = tools_room(name)
+            if other is None or other == room or other == "shared":
+                continue
+            if room in PIPELINES or room == "shared" or other in COMPOSITES:
+                problems.append(f"{path.relative_to(ROOT)} ({room}) imports {name} ({other})")
+    assert problems == []
+
+
+def test_every_tools_room_says_what_it_does():
+    for room in PIPELINES + COMPOSITES:
+        doc = ast.get_docstring(ast.parse((ROOT / "tools" / room / "__init__.py").read_text()))
+        assert doc and "May import" in doc, room

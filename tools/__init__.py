@@ -1,1 +1,9 @@
-"""Pipelines behind the `align` command: render views, feature extraction, data, recipes, training, chat."""
+"""Pipelines (layer 4): one room per pipeline, beside a few shared modules.
+
+Rooms: `features/` (frozen encoder → feature store), `training/` (recipes, data, the projector trainer, data
+converters, render views), `inference/` (generation, the Python pipeline, chat, captioning); `demo/` and `bench/`
+run those as a user would. Shared modules: `feature_store` (written by features, read by training and inference),
+`manifest` (JSON Lines records), `images` (reading images with bad-input checks), `rejects` (what a job skipped),
+`runtime` (ranks, device, process group, progress display). A pipeline imports the shared modules and lower layers,
+never another pipeline (tests/test_layers.py checks it).
+"""

@@ -18,7 +18,7 @@ from align.tools.runtime import child_environment
 from align.tools.training.trainer import train
 from conftest import run_align
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from align.backbones.vision.preprocessing import views
 from align.tools.images import decode_image
 from blip2_tiny import good_image, image_folder, write_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
