@@ -182,7 +182,9 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
     extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=False, batch_size=64)
     recipe = ws / "recipe.yaml"
-    shutil.copy(RECIPE, recipe)
+    # The copy's first line is the exact command that runs it, as every recipe's first line is.
+    body = RECIPE.read_text(encoding="utf-8").split("\n", 1)[1]
+    recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
     say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stage 1 (captions), stage 2 (chat); "
         "only the projector learns")
     write_untrained_adapter(ws, seed)
