@@ -62,6 +62,8 @@ def start_ranks(*, always: bool = False, deepspeed: bool = False) -> Ranks:
     if deepspeed:
         # DeepSpeed's ZeRO-3 calls collectives torch has renamed; the warnings would bury the progress bar.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        if not torch.cuda.is_available():
+            compile_no_deepspeed_ops()
     if (always or ranks.world > 1) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if deepspeed:
@@ -71,6 +73,17 @@ def start_ranks(*, always: bool = False, deepspeed: bool = False) -> Ranks:
         else:
             dist.init_process_group(backend)
     return ranks
+
+
+def compile_no_deepspeed_ops() -> None:
+    """On CPU, tell DeepSpeed that none of its C++ ops is available, before it probes them: it then communicates
+    through gloo instead of JIT-compiling its shared-memory op (a C++ compiler, minutes, a lock shared by every
+    environment on the host). The projector trains with torch's own AdamW, so no op is needed. DeepSpeed keeps this
+    table in `deepspeed.ops.__compatible_ops__` for exactly such edits."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
 
 
 def local_device(device: str | torch.device | None = None) -> torch.device:

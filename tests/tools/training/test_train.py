@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def test_two_processes_end_with_the_same_adapter_as_one(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
     # In-process trainings of this session left their rendezvous variables in os.environ; children start clean.
-    env = child_environment() | {"OMP_NUM_THREADS": "1"}
+    extensions = workspace["run"] / "torch_extensions"  # where DeepSpeed would JIT-compile C++ ops
+    env = child_environment() | {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
 
     def run(prefix, output):
         args = [*prefix, "-m", "align", "train", str(workspace["recipe"]), "--output", str(output)]
@@ -136,9 +138,14 @@ def test_two_processes_end_with_the_same_adapter_as_one(workspace):
             args += ["--set", s]
         result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "built successfully" not in result.stdout + result.stderr  # CPU training compiles nothing
 
+    with socket.socket() as s:  # a free port, so that two suites on one host do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     run([sys.executable], workspace["run"] / "one")
-    run([torchrun, "--nproc-per-node", "2", "--master-port", "29573"], workspace["run"] / "two")
+    run([torchrun, "--nproc-per-node", "2", "--master-port", str(port)], workspace["run"] / "two")
+    assert not extensions.exists() or not any(extensions.rglob("*.so"))
     for stage in ("caption", "chat"):
         one, two = (adapter_weights(workspace["run"] / n / stage / "adapter") for n in ("one", "two"))
         for key in one:
