@@ -295,11 +295,14 @@ def data_convert(
                   f"{escape(summary.rejects)}", highlight=False)
 
 
-def _import(kind: str, checkpoint: Path, backbone: str, out: Path) -> None:
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an adapter already at --out.")]
+
+
+def _import(kind: str, checkpoint: Path, backbone: str, out: Path, overwrite: bool) -> None:
     from align.adapters.checkpoint_import import import_checkpoint
     from align.backbones.registry import get_backbone
 
-    written = import_checkpoint(kind, checkpoint, get_backbone(backbone), out)
+    written = import_checkpoint(kind, checkpoint, get_backbone(backbone), out, overwrite=overwrite)
     console.print(f"adapter for {backbone} → {escape(str(written))}", highlight=False)
 
 
@@ -308,19 +311,21 @@ def import_minigpt4(
     checkpoint: Path,
     backbone: Annotated[str, typer.Option(help="vicuna-7b-v0 or vicuna-13b-v0.")],
     out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """MiniGPT-4's released checkpoint ({"model": {"llama_proj.weight", ...}}) → adapter directory."""
-    _import("minigpt4", checkpoint, backbone, out)
+    _import("minigpt4", checkpoint, backbone, out, overwrite)
 
 
 @import_app.command("minigpt4qwen")
 def import_minigpt4qwen(
     checkpoint: Path,
+    out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
     backbone: Annotated[str, typer.Option(help="qwen-7b-chat.")] = "qwen-7b-chat",
-    out: Annotated[Path, typer.Option(help="Adapter directory to write.")] = Path("adapter"),
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """MiniGPT4Qwen's checkpoint (llm_proj.*, plain or DeepSpeed-engine layout) → adapter directory."""
-    _import("minigpt4qwen", checkpoint, backbone, out)
+    _import("minigpt4qwen", checkpoint, backbone, out, overwrite)
 
 
 @app.command("train")

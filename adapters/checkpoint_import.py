@@ -41,9 +41,12 @@ def _state_dict(path: Path) -> dict:
     return data
 
 
-def import_checkpoint(kind_name: str, path: Path, spec: BackboneSpec, out: Path) -> Path:
-    """Write `out` as an adapter holding the checkpoint's projector, after checking it fits `spec`."""
+def import_checkpoint(kind_name: str, path: Path, spec: BackboneSpec, out: Path, *, overwrite: bool = False) -> Path:
+    """Write `out` as an adapter holding the checkpoint's projector, after checking it fits `spec`; an existing
+    `out` is replaced only when `overwrite`."""
     kind = KINDS[kind_name]
+    if Path(out).exists() and not overwrite:
+        raise AdapterError(f"{out} already exists; pass --overwrite to replace it")
     if spec.name not in kind.backbones:
         raise AdapterError(f"{kind.name} checkpoints are for {', '.join(kind.backbones)}, not '{spec.name}'")
     state = {name.removeprefix("module."): t for name, t in _state_dict(path).items()}

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from align.adapters.adapter_files import AdapterError, load_adapter
 from align.adapters.checkpoint_import import import_checkpoint
 from align.backbones.registry import get_backbone
+from conftest import run_align
 
 
 def test_minigpt4_checkpoint_becomes_an_adapter(tmp_path):
@@ -44,3 +46,16 @@ def test_refusals(tmp_path):
     result = subprocess.run([sys.executable, "-m", "align", "import", "minigpt4", str(tmp_path / "none.pth"),
                              "--backbone", "vicuna-7b-v0", "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().endswith("does not exist")
+
+
+def test_import_never_replaces_an_adapter_unasked(tmp_path):
+    torch.save({"model": {"llama_proj.weight": torch.randn(4096, 768), "llama_proj.bias": torch.randn(4096)}},
+               tmp_path / "ckpt.pth")
+    out = import_checkpoint("minigpt4", tmp_path / "ckpt.pth", get_backbone("vicuna-7b-v0"), tmp_path / "a")
+    before = (out / "adapter.safetensors").read_bytes()
+    with pytest.raises(AdapterError, match="already exists; pass --overwrite"):
+        import_checkpoint("minigpt4", tmp_path / "ckpt.pth", get_backbone("vicuna-7b-v0"), out)
+    assert (out / "adapter.safetensors").read_bytes() == before
+    import_checkpoint("minigpt4", tmp_path / "ckpt.pth", get_backbone("vicuna-7b-v0"), out, overwrite=True)
+    missing_out = run_align("import", "minigpt4qwen", tmp_path / "ckpt.pth")
+    assert missing_out.returncode == 2 and "--out" in missing_out.stderr and not (Path.cwd() / "adapter").exists()
