@@ -1,6 +1,7 @@
 """Loading a backbone's LLM, frozen: native transformers classes (official Qwen-1 and Baichuan checkpoints through
 their native layouts), remote code only by explicit opt-in; optional 8-bit / 4-bit quantization through bitsandbytes."""
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from align.backbones import model_dir
 from align.backbones.dtypes import TORCH_DTYPES
@@ -40,6 +42,35 @@ def remote_code_opt_in(how: str) -> Iterator[None]:
         yield
     except RemoteCodeError as exc:
         raise RemoteCodeError(exc.path, exc.architectures, how) from None
+
+
+class _FirstOnly(logging.Filter):
+    """Lets the first record starting with `prefix` through, and no later one."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _warn_casts_once() -> None:
+    """bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast (1,680 lines in 4 CPU steps); once will do."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
+
+
+def quiet_loading(quantization: str) -> None:
+    """One progress display per job: transformers' loading bar only on rank 0; bitsandbytes' cast warning once."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        hf_logging.disable_progress_bar()
+    if quantization == "8bit":
+        _warn_casts_once()
 
 
 def quantization_config(quantization: str, dtype: str) -> BitsAndBytesConfig | None:
@@ -83,6 +114,7 @@ def load_llm(
         raise BackboneError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
     path = model_directory(model)
     cpu_accelerator_without_gpu()
+    quiet_loading(quantization)
     config = model_dir.model_config(path)
     layout = layout_for(config)
     quant = quantization_config(quantization, dtype)
