@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from align import __version__
+from align.adapters.projector import build_projector
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
@@ -101,4 +102,18 @@ def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor
     if config.format_version > ADAPTER_FORMAT_VERSION:
         raise AdapterError(f"{directory} is adapter format {config.format_version}; this align reads up to "
                            f"{ADAPTER_FORMAT_VERSION}: upgrade align")
-    return config, load_file(str(directory / ADAPTER_WEIGHTS))
+    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    _check_shapes(config, state, directory)
+    return config, state
+
+
+def _check_shapes(config: AdapterConfig, state: dict[str, torch.Tensor], where: Path) -> None:
+    """The weights are exactly the config's projector, checked on the meta device so that sizes in a config are
+    never allocated before they are known to match the file."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_projector(config.projector, config.in_features,
+                                                                 config.out_features).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise AdapterError(f"{where}: the weights {found} are not a {config.projector} projector "
+                           f"{config.in_features} → {config.out_features} ({expected})")

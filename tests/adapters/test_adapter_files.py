@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
-from align.constants import ADAPTER_CONFIG
 from align.adapters.projector import build_projector, projector_names
+from align.constants import ADAPTER_CONFIG
 
 
 def config(kind: str) -> AdapterConfig:
@@ -40,3 +40,14 @@ def test_mismatch_is_refused_naming_both(tmp_path):
                                     encoder_fingerprint="zzz")
     with pytest.raises(AdapterError, match="is not an adapter"):
         load_adapter(tmp_path)
+
+
+def test_sizes_in_a_config_are_checked_against_the_weights_before_anything_is_allocated(tmp_path):
+    projector = build_projector("linear", 24, 32)
+    config = AdapterConfig(projector="linear", in_features=24, out_features=32, backbone="b", hidden_size=32,
+                           vocab_size=100, template="chatml", num_query_tokens=4, encoder_fingerprint=None)
+    out = save_adapter(tmp_path / "a", config, projector.state_dict())
+    hostile = json.loads((out / ADAPTER_CONFIG).read_text()) | {"in_features": 10**9, "out_features": 10**9}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(hostile))
+    with pytest.raises(AdapterError, match="are not a linear projector 1000000000 → 1000000000"):
+        load_adapter(out)
