@@ -47,7 +47,8 @@ class Schedule(Strict):
 class Stage(Strict):
     """One training stage; stages run in order, each starting from the previous one's adapter."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # A folder under the output directory: letters, digits, '_', '-', '.', and never only dots ('..' would escape).
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$|^\.+[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
     data: list[DataSource] = Field(min_length=1)
     template: str | None = Field(None, description="chat template (default: the backbone's; 'caption' for stage 1)")
     prompts: list[str] | None = Field(None, description="turn caption records into one exchange with a random prompt")

@@ -163,6 +163,9 @@ def test_recipe_errors_are_clear(tmp_path):
         load_recipe(recipe, ["runtime.precision=fp8", "stages.chat.lr.init_lr=-1"])
     with pytest.raises(RecipeError, match="no item 'stage9'"):
         load_recipe(recipe, ["stages.stage9.epochs=1"])
+    for escape in ("..", "."):  # a stage is a folder under the output directory: never outside it
+        with pytest.raises(RecipeError, match="stages.0.name"):
+            load_recipe(recipe, [f"stages.caption.name={escape}"])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
