@@ -31,6 +31,27 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def write_result(result: dict, out_dir: Path, name: str) -> tuple[dict, Path]:
+    """Add what the figures depend on (versions, time, the machine's load while measuring) and write the result
+    under a name no other run takes: the time to the second, and a counter if that is taken too."""
+    result = {
+        **result,
+        "versions": {"align": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda},
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = result["measured_at"][:19].replace(":", "")
+    path, n = out_dir / f"{name}-{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = out_dir / f"{name}-{stamp}-{n}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result, path
+
+
 def full_size_encoder() -> Encoder:
     """EVA ViT-g + Q-Former with random weights in BLIP-2's real shapes (nothing is downloaded)."""
     config = transformers.Blip2Config()
@@ -106,15 +127,9 @@ def bench_features(
         "decode_images_per_second": round(decode_rate, 2),
         "encode_iterations": iterations,
         "encode_images_per_second": round(encode_rate, 2),
-        "versions": {"align": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "cuda": torch.version.cuda},
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower())
-    path = out_dir / f"features-{slug}-{dtype}-{result['measured_at'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result, path
+    return write_result(result, out_dir, f"features-{slug}-{dtype}")
 
 
 # Qwen-7B-Chat's published shapes (config.json of the release); weights are random.
@@ -212,10 +227,5 @@ def bench_llm_loading(directory: Path | None = None, *, dtype: str = "bf16", qua
         "peak_anonymous_over_checkpoint": round(measured["peak_anonymous_bytes"] / size, 3),
         "machine_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "device": device_name(torch.device("cpu")),
-        "versions": {"align": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"load-llm-qwen-7b-{dtype}-{quantization}-{result['measured_at'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result, path
+    return write_result(result, out_dir, f"load-llm-qwen-7b-{dtype}-{quantization}")

@@ -33,3 +33,13 @@ def test_bench_load_llm_measures_an_official_layout(tmp_path):
     data = json.loads(written.read_text())
     assert data["class"] == "Qwen1ForCausalLM" and data["model_bytes"] > 1.8 * data["checkpoint_bytes"]  # bf16 → fp32
     assert data["peak_rss_bytes"] >= data["peak_anonymous_bytes"] > 0 and data["versions"]["transformers"]
+
+
+def test_results_never_overwrite_each_other_and_record_the_load(tmp_path):
+    from align.tools.bench.bench import write_result
+
+    first = write_result({"bench": "x"}, tmp_path, "x")[1]
+    second = write_result({"bench": "x"}, tmp_path, "x")[1]
+    assert first != second and first.is_file() and second.is_file()
+    data = json.loads(second.read_text())
+    assert len(data["load_average_1_5_15_min"]) == 3 and data["cpu_count"] >= 1 and data["versions"]["torch"]
