@@ -491,10 +491,28 @@ def templates() -> None:
                   "transformers renders it; the default for a model that ships one", highlight=False)
 
 
+def _plain_metavars(command) -> None:
+    """Help shows values as people read them (TEXT, PATH, INTEGER, FLOAT; nothing after a flag), not Python type
+    names such as <bool> or <list[Path]>."""
+    names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "path": "PATH", "bool": ""}
+    for param in command.params:
+        if param.param_type_name != "option" or param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+            continue
+        label = param.display_type(None).strip("<>").removeprefix("list[").removesuffix("]")
+        param.metavar = names.get(label, label.upper())
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
 def main() -> None:
     """Entry point of the `align` console script."""
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
     try:
-        app(prog_name="align")
+        command(prog_name="align")
     except AlignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -130,3 +130,11 @@ def test_render_a_whole_manifest(align_home, qwen_model_dir, tmp_path):
     assert text.returncode == 0 and "supervised_tokens" in text.stdout
     both = run_align("render", "qwen-7b-chat", "--manifest", manifest, "--conversation", manifest, home=align_home)
     assert both.returncode == 2 and both.stderr.startswith("error: ")
+
+
+def test_help_reads_as_people_expect():
+    result = run_align("chat", "--help")
+    assert result.returncode == 0
+    lines = {word: line for line in result.stdout.splitlines() for word in line.split() if word.startswith("--")}
+    assert "<bool>" not in lines["--trust-remote-code"] and "PATH" in lines["--adapter"]
+    assert "list[" not in lines["--question"] and "TEXT" in lines["--question"]
