@@ -187,7 +187,7 @@ def features_extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder forward pass.")] = 32,
     views: Annotated[int, typer.Option(min=0, help="Random-resized-crop training views per image, beside the plain one.")] = 0,
     image_root: Annotated[Optional[Path], typer.Option(help="Resolve relative image paths here, not beside the manifest.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: none for a few batches, else one per spare core, at most 8).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
     convert_modes: Annotated[bool, typer.Option(help="Convert CMYK/palette/grayscale/alpha images to RGB instead of rejecting them.")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject images with more pixels (decompression-bomb guard).")] = 89_478_485,

@@ -152,13 +152,21 @@ def extract_features(
     return summary
 
 
+def default_workers(images: int, batch_size: int) -> int:
+    """Decoding processes: none for a few batches (starting workers costs more than they save), else one per spare
+    core (the encoder keeps one busy), at most 8."""
+    if images <= 4 * batch_size:
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def _extract_share(
     store: FeatureStore, writer: str, encoder: Encoder, device: torch.device, paths: list[str], rejects: RejectLog,
     batch_size: int, n_views: int, workers: int | None, convert_modes: bool, max_pixels: int, shard_images: int,
     show_progress: bool,
 ) -> dict:
     dataset = ImageFiles(paths, encoder.preprocessing, n_views, max_pixels, convert_modes)
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers(len(paths), batch_size) if workers is None else workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     counts = {"extracted": 0, "duplicates": 0}
     keys: list[str] = []

@@ -200,3 +200,13 @@ def test_cli_errors_are_one_line(tiny_blip2, tmp_path):
     ):
         result = subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_decoding_workers_follow_the_cores_and_the_data_size(monkeypatch):
+    from align.tools.features.extract import default_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_workers(48, 32) == 0  # a couple of batches: workers would cost more than they save
+    assert default_workers(10_000, 32) == 1  # two cores: the encoder keeps one, decoding gets the other
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert default_workers(10_000, 32) == 8
