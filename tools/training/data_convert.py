@@ -26,9 +26,14 @@ def _load_json(path: Path):
 
 
 def _image(path: Path, image_root: Path | None) -> str:
-    """The image reference to write: relative to --image-root when given (resolve it there later), else absolute."""
-    path = path.resolve()
-    return str(path.relative_to(image_root.resolve())) if image_root and path.is_relative_to(image_root.resolve()) else str(path)
+    """The image as found (absolute); `convert` makes it relative to the manifest's folder where that resolves."""
+    return str(path.resolve())
+
+
+def _reference(image: str, manifest_dir: Path, relative: bool) -> str:
+    """What the manifest says: relative to its own folder (as extraction resolves it) when asked and possible."""
+    path = Path(image)
+    return str(path.relative_to(manifest_dir)) if relative and path.is_relative_to(manifest_dir) else image
 
 
 def cc_sbu_align(src: Path, image_root: Path | None) -> Converted:
@@ -134,6 +139,8 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
             if isinstance(result, str):
                 rejects.add(where, result)
             else:
+                if isinstance(result.get("image"), str):
+                    result["image"] = _reference(result["image"], out.parent.resolve(), image_root is not None)
                 writer.write(result)
                 written += 1
     rejects.close()

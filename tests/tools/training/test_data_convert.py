@@ -64,3 +64,16 @@ def test_cli_unknown_format_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "align", "data", "convert", str(tmp_path), "--format", "llava2",
                              "--out", str(tmp_path / "m.jsonl")], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown data format 'llava2'. Did you mean 'llava'?" in result.stderr
+
+
+def test_llava_images_under_an_image_root_elsewhere_resolve_from_the_manifest(tmp_path):
+    from align.tools.manifest import resolve_image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.jpg").write_bytes(b"jpg")
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "1", "image": "x.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}]))
+    out = tmp_path / "manifests" / "l.jsonl"
+    convert("llava", tmp_path / "llava.json", out, image_root=tmp_path / "images")
+    [record] = records(out)
+    assert resolve_image(record["image"], out, None) == (tmp_path / "images" / "x.jpg").resolve()
