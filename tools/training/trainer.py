@@ -38,6 +38,12 @@ from align.tools.training.training_data import BatchPlan, build_samples, collate
 
 
 
+def gradient_norm(parameters) -> float | None:
+    """The L2 norm of the gradients held in `.grad` (ZeRO 0 keeps them there; DeepSpeed reports none itself)."""
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+
+
 def lr_at(step: int, total: int, stage: Stage) -> float:
     """Linear warm-up from warmup_lr to init_lr, then cosine decay to min_lr (MiniGPT-4's schedule)."""
     s = stage.lr
@@ -205,13 +211,15 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
             micro = [batch[i:i + stage.micro_batch_size] for i in range(0, len(batch), stage.micro_batch_size)]
             mine = micro[run.rank::run.world]
             started = time.perf_counter()
-            losses, real, padded = [], 0, 0
-            for samples in mine:
+            losses, real, padded, own_norm = [], 0, 0, None
+            for k, samples in enumerate(mine):
                 inputs = {k: v.to(run.device) for k, v in collate(samples, run.store, view, tokenizer.pad_id).items()}
                 autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
                 with autocast:
                     loss = run.model(**inputs).loss
                 engine.backward(loss)
+                if k == len(mine) - 1:  # the boundary: gradients are whole (and reduced over ranks) until the step
+                    own_norm = gradient_norm(run.model.trainable_parameters())
                 engine.step()
                 losses.append(loss.detach().float())
                 real += int(inputs["attention_mask"].sum())
@@ -222,7 +230,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
             seconds = time.perf_counter() - started
             record = {
                 "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()) if engine.get_global_grad_norm() is not None else own_norm,
                 "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
                 "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
             }

@@ -56,6 +56,7 @@ def test_loss_falls_and_only_the_projector_learns(workspace):
     assert {"loss", "lr", "grad_norm", "samples_per_second", "tokens_per_second", "padding_efficiency",
             "peak_memory_mb"} <= set(first)
     assert 0 < first["padding_efficiency"] <= 1
+    assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics(workspace["run"]))  # ZeRO 0 too
 
 
 def test_stages_chain_and_adapters_bind_their_backbone(workspace):
