@@ -28,21 +28,45 @@ def read_manifest(path: Path, rejects: RejectLog | None) -> Iterator[ManifestRec
     path = Path(path)
     if not path.is_file():
         raise AlignError(f"manifest {path} does not exist")
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record, problem = None, f"malformed manifest line: {exc}"
-            else:
-                problem = None if isinstance(record, dict) else "malformed manifest line: not a JSON object"
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            record, problem = _parse(raw)
+            if record is None and problem is None:
+                continue  # a blank line
             if problem:
                 if rejects is not None:
                     rejects.add(f"{path}:{number}", problem)
                 continue
             yield ManifestRecord(path, number, record)
+
+
+def _parse(raw: bytes) -> tuple[dict | None, str | None]:
+    """(record, None), (None, reason) for a line that cannot be a record, or (None, None) for a blank line.
+
+    Text that is not UTF-8, or that holds a lone surrogate escape (`\\ud800`), is refused rather than trained on as
+    replacement characters or passed to a tokenizer that cannot encode it; JSON nested deeper than Python's
+    recursion limit is refused rather than crashing the job."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"malformed manifest line: not UTF-8 ({exc.reason} at byte {exc.start})"
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed manifest line: {exc}"
+    except RecursionError:
+        return None, "malformed manifest line: JSON nested too deeply"
+    if not isinstance(record, dict):
+        return None, "malformed manifest line: not a JSON object"
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "malformed manifest line: text with a lone surrogate escape"
+    except RecursionError:
+        return None, "malformed manifest line: JSON nested too deeply"
+    return record, None
 
 
 def image_refs(record: dict) -> list[str]:
