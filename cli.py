@@ -141,6 +141,8 @@ def render(
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the added backbone's).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate to this many tokens (whole turns).")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="One row per token instead of the text view.")] = False,
+    query_tokens: Annotated[int, typer.Option(min=1, help="Image slots per image: your encoder's query count "
+                                              "(BLIP-2: 32; `align features info` shows a store's).")] = 32,
     as_json: JsonFlag = False,
 ) -> None:
     """Show what the model sees: ids, learnt tokens and image slots for one conversation, or a whole manifest."""
@@ -150,13 +152,13 @@ def render(
         raise AlignError("give --conversation FILE or --manifest M.jsonl")
     if manifest is not None:
         emit = (lambda row: print(json.dumps(row), flush=True)) if as_json else None
-        summary = render_manifest(name, manifest, model, max_length, emit)
+        summary = render_manifest(name, manifest, model, max_length, emit, query_tokens)
         if as_json:
             print(json.dumps({"summary": summary}))
         else:
             _print_record(summary, as_json=False)
         return
-    spec, tokenizer, rendered = render_file(name, conversation, model, max_length)
+    spec, tokenizer, rendered = render_file(name, conversation, model, max_length, query_tokens)
     if as_json:
         _print_json(rendered.as_json())
     elif tokens:

@@ -47,6 +47,9 @@ def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_
     assert len(data["input_ids"]) == len(data["labels"])
     [[start, length]] = data["images"]
     assert length == 32 and all(label == -100 for label in data["labels"][start:start + length])
+    eight = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--json", "--query-tokens", 8,
+                      home=align_home)
+    assert json.loads(eight.stdout)["images"] == [[start, 8]]  # an encoder with 8 queries fills 8 slots
 
 
 def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_model_dir, conversation_file):

@@ -16,6 +16,7 @@ from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
 from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, render
+from align.templates.render import DEFAULT_QUERY_TOKENS
 from align.templates.text_tokenizer import TextTokenizer
 from align.tools.manifest import read_manifest
 from align.tools.training.training_data import training_conversation
@@ -39,20 +40,22 @@ def read_record(path: Path) -> dict:
 
 
 def render_file(
-    name: str, conversation: Path, model: Path | None = None, max_length: int | None = None
+    name: str, conversation: Path, model: Path | None = None, max_length: int | None = None,
+    query_tokens: int = DEFAULT_QUERY_TOKENS,
 ) -> tuple[BackboneSpec, TextTokenizer, Rendered]:
     """Render the record in `conversation` for backbone `name`."""
     spec = get_backbone(name)
     tokenizer = backbone_tokenizer(spec, model)
     record = conversation_from_record(read_record(conversation))
     template = template_for(spec, tokenizer, model=model)
-    rendered = render(template, record, tokenizer, system=spec.system, max_length=max_length)
+    rendered = render(template, record, tokenizer, system=spec.system, max_length=max_length,
+                      num_query_tokens=query_tokens)
     return spec, tokenizer, rendered
 
 
 def render_manifest(
     name: str, manifest: Path, model: Path | None = None, max_length: int | None = None,
-    emit: Callable[[dict], None] | None = None,
+    emit: Callable[[dict], None] | None = None, query_tokens: int = DEFAULT_QUERY_TOKENS,
 ) -> dict:
     """Render every record of a manifest as training would; `emit` gets `{"line", "input_ids", "labels", "images"}`
     or `{"line", "reject"}` per record. Returns the summary: counts, supervised tokens, lengths, rejects by reason."""
@@ -75,7 +78,7 @@ def render_manifest(
     for item in read_manifest(manifest, MalformedLines()):
         try:
             rendered = render(template, training_conversation(item.record), tokenizer, system=spec.system,
-                              max_length=max_length)
+                              max_length=max_length, num_query_tokens=query_tokens)
         except AlignError as exc:
             reject(item.line, str(exc))
             continue
