@@ -228,9 +228,10 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
             if run.world > 1:
                 torch.distributed.all_reduce(totals)
             seconds = time.perf_counter() - started
+            engine_norm = engine.get_global_grad_norm()  # DeepSpeed's own where it computes one (ZeRO 1-3)
             record = {
                 "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()) if engine.get_global_grad_norm() is not None else own_norm,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine_norm) if engine_norm is not None else own_norm,
                 "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
                 "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
             }
