@@ -165,7 +165,9 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         use_cache = use_cache and not self.training  # a frozen LLM in train mode only checkpoints; it never decodes
-        if use_cache and past_key_values is None:
+        if not use_cache:
+            past_key_values = None
+        elif past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         batch, length = inputs_embeds.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -174,8 +176,8 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
         bias = alibi_bias(self.slopes, attention_mask[:, -(past + length):], past, length, inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.layers:
-            hidden = layer(hidden, bias, past_key_values if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values if use_cache else None)
+            hidden = layer(hidden, bias, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
 
 
 class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):

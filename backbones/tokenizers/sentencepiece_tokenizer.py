@@ -47,6 +47,8 @@ class SentencePieceTokenizer:
         if not _is_legacy(path) and proto.normalizer_spec.add_dummy_prefix:
             proto.normalizer_spec.add_dummy_prefix = False
             self._bare = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            self._unk = self.sp.id_to_piece(self.sp.unk_id())
+            self._unk_pieces = len(self._bare.encode(self._unk))
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         if self.sp.eos_id() < 0:
             raise TokenizerError(f"{path} defines no eos piece")
@@ -74,10 +76,9 @@ class SentencePieceTokenizer:
         <unk> pieces dropped, so the space stays its own `▁` rather than merging differently."""
         if not text.startswith(" "):
             return _with_char_offsets(self._bare, text)
-        unk = self.sp.id_to_piece(self.sp.unk_id())
-        ids, offsets = _with_char_offsets(self._bare, unk + text)
-        skip = len(self._bare.encode(unk))
-        return ids[skip:], [(max(a - len(unk), 0), b - len(unk)) for a, b in offsets[skip:]]
+        ids, offsets = _with_char_offsets(self._bare, self._unk + text)
+        shift, skip = len(self._unk), self._unk_pieces
+        return ids[skip:], [(max(a - shift, 0), b - shift) for a, b in offsets[skip:]]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
