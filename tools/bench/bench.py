@@ -1,6 +1,7 @@
 """`align bench`: measured speed, written as JSON under bench/results/ (never asserted in tests)."""
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -15,10 +16,12 @@ from PIL import Image
 
 from align import __version__
 from align.backbones.dtypes import TORCH_DTYPES
+from align.backbones.llm import quantization_config
 from align.backbones.vision import Encoder, default_compute_dtype, load_encoder
 from align.backbones.vision.blip2 import BlipEncoder
 from align.backbones.vision.preprocessing import Preprocessing
 from align.tools.features.extract import ImageFiles
+from align.errors import AlignError
 from align.tools.runtime import local_device
 
 RESULTS_DIR = Path("bench") / "results"
@@ -205,16 +208,30 @@ def bench_llm_loading(directory: Path | None = None, *, dtype: str = "bf16", qua
     weights into `directory`, or a temporary one), in a fresh process; written as JSON and returned.
 
     Peak resident memory counts memory-mapped weight pages; anonymous memory is what the process allocated itself."""
+    import shutil
     import subprocess
     import sys
 
+    # Settings are checked before anything is written: the checkpoint alone is 15 GB.
+    if dtype not in TORCH_DTYPES:
+        raise AlignError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
+    quantization_config(quantization, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = directory or Path(tmp) / "Qwen-7B-shaped"
         if not (checkpoint / "config.json").is_file():
+            if checkpoint.exists() and any(checkpoint.iterdir()):
+                raise AlignError(f"{checkpoint} holds files but no checkpoint; give a new or an earlier bench's folder")
+            needed = 2 * sum(math.prod(shape) for shape in qwen1_tensor_shapes(QWEN_7B).values())
+            free = shutil.disk_usage(next(p for p in (checkpoint, *checkpoint.parents) if p.exists())).free
+            if free < needed:
+                raise AlignError(f"writing the checkpoint needs {needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free")
             write_random_qwen1(checkpoint)
         size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
         child = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(checkpoint), dtype, quantization],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AlignError(f"loading {checkpoint} failed: {last}")
     measured = json.loads(child.stdout.strip().splitlines()[-1])
     result = {
         "bench": "load-llm",

@@ -43,3 +43,12 @@ def test_results_never_overwrite_each_other_and_record_the_load(tmp_path):
     assert first != second and first.is_file() and second.is_file()
     data = json.loads(second.read_text())
     assert len(data["load_average_1_5_15_min"]) == 3 and data["cpu_count"] >= 1 and data["versions"]["torch"]
+
+
+def test_bench_load_llm_checks_its_settings_before_writing_15_gb(tmp_path):
+    target = tmp_path / "never-written"
+    for bad in (["--dtype", "fp9"], ["--quantization", "3bit"]):
+        result = subprocess.run([sys.executable, "-m", "align", "bench", "load-llm", "--checkpoint", str(target), *bad,
+                                 "--out-dir", str(tmp_path)], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not target.exists()
