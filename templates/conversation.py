@@ -1,7 +1,7 @@
 """The one conversation type that flows from data records to templates, and its validation."""
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
 from align.errors import ConversationError
@@ -55,6 +55,11 @@ class Conversation:
         """The same conversation with only its first `n_messages` turns."""
         return Conversation(self.messages[:n_messages], self.system, self.images)
 
+    def with_last_reply(self, text: str) -> "Conversation":
+        """The same conversation with its last message's text replaced (a reply holds no images)."""
+        last = self.messages[-1]
+        return Conversation((*self.messages[:-1], replace(last, content=(text,))), self.system, self.images)
+
 
 def split_markers(text: str, first_index: int) -> tuple[ContentItem, ...]:
     """Split text at `<image>` markers into text and image items (empty text pieces dropped)."""
@@ -67,15 +72,20 @@ def split_markers(text: str, first_index: int) -> tuple[ContentItem, ...]:
     return tuple(items)
 
 
-def _images_of(record: Mapping) -> tuple[str, ...]:
+def record_images(record: Mapping) -> tuple[str, ...]:
+    """The image references of a record (`image` or `images`: a string or a list of strings), in marker order.
+
+    The one parser of a record's images: extraction, training's store lookup and rendering all read them here, so
+    the images a sample's slots receive are the ones its features were looked up for."""
     image = record.get("image", record.get("images"))
     if image is None:
         return ()
-    if isinstance(image, str):
-        return (image,)
-    if isinstance(image, list) and all(isinstance(i, str) for i in image):
-        return tuple(image)
-    raise ConversationError("'image' must be a string or a list of strings")
+    images = (image,) if isinstance(image, str) else image
+    if not isinstance(images, list | tuple) or not all(isinstance(i, str) for i in images):
+        raise ConversationError("'image' must be a string or a list of strings")
+    if any(not i.strip() for i in images):
+        raise ConversationError("'image' names an empty path")
+    return tuple(images)
 
 
 def _turns_of(record: Mapping) -> list[tuple[str, str]]:
@@ -105,7 +115,7 @@ def conversation_from_record(record: Mapping) -> Conversation:
     """Validate a conversation or caption record (DESIGN.md format) and turn it into a Conversation."""
     if not isinstance(record, Mapping):
         raise ConversationError("a record must be a JSON object")
-    images = _images_of(record)
+    images = record_images(record)
     turns = _turns_of(record)
     system = record.get("system")
     if system is not None and not isinstance(system, str):

@@ -1,5 +1,6 @@
 """Turn a conversation into input ids, labels and image slots with a template and a tokenizer."""
 
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class Rendered:
     image_indices: list[int]  # which of the conversation's images fills each slot range
     text: str  # slots as <ImageHere>, control tokens as their token string
     runs: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, text) of each text run
+    truncated: bool = False  # the last reply was cut to fit the maximum length
 
     def as_json(self) -> dict:
         """The `align render --json` contract."""
@@ -60,6 +62,9 @@ def stop_ids(template: Template, tokenizer: TextTokenizer) -> list[int]:
     return sorted({ids[name] for name in template.stop_controls if name in ids})
 
 
+TRUNCATE_MODES = ("reply", "turns")
+
+
 def render(
     template: Template,
     conversation: Conversation,
@@ -68,12 +73,18 @@ def render(
     system: str | None = None,
     num_query_tokens: int = DEFAULT_QUERY_TOKENS,
     max_length: int | None = None,
+    truncate: str = "turns",
 ) -> Rendered:
-    """Render a conversation; too long drops whole turns from the end; nothing supervised is an error.
+    """Render a conversation; nothing supervised is an error.
 
+    Too long drops whole exchanges from the end while more than one remains; if the first exchange alone is too
+    long, `truncate="reply"` cuts its reply's text to fit (keeping the reply's end, never an image: MiniGPT-4 cuts
+    captions to `max_txt_len`), `"turns"` refuses the sample.
     `system` is the backbone's default (ignored by templates without a system role); the conversation's own system
     text wins, then the template's default.
     """
+    if truncate not in TRUNCATE_MODES:
+        raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, not {truncate!r}")
     if conversation.system is not None:
         system = conversation.system
     elif system is None or not template.supports_system:
@@ -82,20 +93,49 @@ def render(
     template.check_system(system)
     controls = resolve_controls(template, tokenizer)
 
-    rendered = _assemble(template.segments(conversation, system), tokenizer, controls, num_query_tokens)
+    def assemble(kept: Conversation) -> Rendered:
+        return _assemble(template.segments(kept, system), tokenizer, controls, num_query_tokens)
+
+    rendered = assemble(conversation)
     kept = len(conversation.messages)
     while max_length is not None and len(rendered.input_ids) > max_length:
         if conversation.ends_with_user:
             raise TemplateError(f"the prompt is {len(rendered.input_ids)} tokens, over the maximum length {max_length}")
-        kept -= 2  # one whole exchange: the last reply and the user turn before it
-        if kept <= 0:
+        if kept <= 2:
+            if truncate == "reply":
+                rendered = _cut_last_reply(conversation.truncated(kept), assemble, max_length, tokenizer)
+                break
             raise TemplateError(
                 f"the first exchange alone is {len(rendered.input_ids)} tokens, over the maximum length {max_length}"
             )
-        rendered = _assemble(template.segments(conversation.truncated(kept), system), tokenizer, controls, num_query_tokens)
+        kept -= 2  # one whole exchange: the last reply and the user turn before it
+        rendered = assemble(conversation.truncated(kept))
     if not conversation.ends_with_user and all(label == IGNORE_INDEX for label in rendered.labels):
         raise TemplateError("the sample has no supervised token (nothing to learn)")
     return rendered
+
+
+def _cut_last_reply(conversation: Conversation, assemble, max_length: int, tokenizer: TextTokenizer) -> Rendered:
+    """The rendering with the last reply's text cut to fit, its end marker kept.
+
+    The cut falls at a token boundary of the reply's own tokenization, `overflow` tokens from its end, and is
+    re-rendered, so the ids are exactly what the tokenizer makes of the shorter text (a boundary that tokenizes
+    differently in place moves the cut by the difference and renders again)."""
+    text = conversation.messages[-1].text
+    ends = [end for _, end in tokenizer.encode_with_offsets(tokenizer.normalize(text), continuation=True)[1]]
+    length = len(assemble(conversation).input_ids)
+    keep = len(ends)
+    while True:
+        keep -= max(1, length - max_length)
+        if keep < 1:
+            shortest = assemble(conversation.with_last_reply(text[:ends[0]] if ends else text))
+            raise TemplateError(f"the prompt and the reply's end alone are {len(shortest.input_ids)} tokens, over "
+                                f"the maximum length {max_length}")
+        rendered = assemble(conversation.with_last_reply(text[:ends[keep - 1]].rstrip() or text[:ends[keep - 1]]))
+        length = len(rendered.input_ids)
+        if length <= max_length:
+            rendered.truncated = True
+            return rendered
 
 
 def _assemble(
@@ -122,11 +162,17 @@ def _assemble(
             pos += len(piece)
         ids, offsets = tokenizer.encode_with_offsets(joined, continuation=started)
         start = len(out.input_ids)
-        for token_id, (a, b) in zip(ids, offsets):
-            # A token is learnt when any character it covers belongs to supervised text.
-            supervised = any(a < end and max(b, a + 1) > begin for begin, end in supervised_spans)
-            out.input_ids.append(token_id)
-            out.labels.append(token_id if supervised else IGNORE_INDEX)
+        out.input_ids.extend(ids)
+        if not supervised_spans:
+            out.labels.extend([IGNORE_INDEX] * len(ids))
+        else:
+            # A token is learnt when any character it covers belongs to supervised text: the first span ending
+            # after the token's start must begin before its end (spans are in order and disjoint).
+            begins, ends = [b for b, _ in supervised_spans], [e for _, e in supervised_spans]
+            for token_id, (a, b) in zip(ids, offsets):
+                k = bisect_right(ends, a)
+                supervised = k < len(ends) and begins[k] < max(b, a + 1)
+                out.labels.append(token_id if supervised else IGNORE_INDEX)
         out.runs.append((start, len(out.input_ids), joined))
         texts.append("".join(t.text for t in run))
         run.clear()

@@ -67,15 +67,20 @@ class FeatureStore:
     @classmethod
     def open(cls, path: Path | str, fingerprint: str | None = None, row_shape: tuple[int, ...] | None = None) -> "FeatureStore":
         """Open an existing store; a different encoder fingerprint or row shape is refused, naming both."""
+        store = cls(Path(path), cls.read_meta(path))
+        store.require(fingerprint, row_shape)
+        return store
+
+    @staticmethod
+    def read_meta(path: Path | str) -> dict:
+        """A store's meta.json, checked, without reading its index (cheap at any size)."""
         path = Path(path)
         if not (path / STORE_META).is_file():
             raise StoreError(f"{path} is not a feature store (no {STORE_META}); create it with `align features extract`")
         meta = read_json_object(path / STORE_META, StoreError)
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} store")
-        store = cls(path, meta)
-        store.require(fingerprint, row_shape)
-        return store
+        return meta
 
     @classmethod
     def create(cls, path: Path | str, fingerprint: str, row_shape: tuple[int, ...], info: dict) -> "FeatureStore":
@@ -220,3 +225,25 @@ class FeatureStore:
                     problems.append(f"{record_path.stem} row {row} (image {key}): checksum mismatch")
         problems += [f"source {s} names missing image {k}" for s, k in self.sources.items() if k not in self.index]
         return problems
+
+
+class ShardRows:
+    """Rows by number (shard index × 2**32 + row within the shard) over a fixed list of shards: what a training
+    rank reads through, without loading the store's key index (which grows with the number of images)."""
+
+    def __init__(self, path: Path | str, shards: list[str], row_shape: tuple[int, ...]):
+        self.path, self.shards, self.row_shape = Path(path), list(shards), tuple(row_shape)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _shard(self, index: int) -> np.ndarray:
+        if index not in self._maps:
+            file = self.path / STORE_SHARDS / f"{self.shards[index]}.f16"
+            if not file.is_file():
+                raise StoreError(f"store {self.path} lost shard {self.shards[index]}; rebuild the render cache")
+            rows = file.stat().st_size // (DTYPE().itemsize * int(np.prod(self.row_shape)))
+            self._maps[index] = np.memmap(file, dtype=DTYPE, mode="r", shape=(rows, *self.row_shape))
+        return self._maps[index]
+
+    def get(self, number: int) -> np.ndarray:
+        """One row: [views, queries, width] fp16."""
+        return self._shard(number >> 32)[number & 0xFFFFFFFF]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.errors import AlignError
+from align.templates.conversation import record_images
 from align.tools.rejects import RejectLog
 
 
@@ -23,13 +24,20 @@ class ManifestRecord:
         return f"{self.manifest}:{self.line}"
 
 
-def read_manifest(path: Path, rejects: RejectLog | None) -> Iterator[ManifestRecord]:
-    """Every JSON object of a manifest; malformed lines and non-objects go to `rejects` (if given) and are skipped."""
+def read_manifest(path: Path, rejects: RejectLog | None, *, start: int = 0, end: int | None = None,
+                  first_line: int = 1) -> Iterator[ManifestRecord]:
+    """Every JSON object of a manifest (or of its lines from byte `start`, numbered from `first_line`, to byte
+    `end`); malformed lines and non-objects go to `rejects` (if given) and are skipped."""
     path = Path(path)
     if not path.is_file():
         raise AlignError(f"manifest {path} does not exist")
     with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+        lines.seek(start)
+        position = start
+        for number, raw in enumerate(lines, start=first_line):
+            if end is not None and position >= end:
+                break
+            position += len(raw)
             record, problem = _parse(raw)
             if record is None and problem is None:
                 continue  # a blank line
@@ -38,6 +46,23 @@ def read_manifest(path: Path, rejects: RejectLog | None) -> Iterator[ManifestRec
                     rejects.add(f"{path}:{number}", problem)
                 continue
             yield ManifestRecord(path, number, record)
+
+
+def line_aligned_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, first line number) of consecutive pieces of about `chunk_bytes`, each starting at a
+    line, covering the file."""
+    size = Path(path).stat().st_size
+    chunks, start, line = [], 0, 1
+    with Path(path).open("rb") as file:
+        while start < size:
+            file.seek(min(size, start + chunk_bytes))
+            file.readline()
+            end = min(size, file.tell()) if start + chunk_bytes < size else size
+            file.seek(start)
+            chunks.append((start, end, line))
+            line += file.read(end - start).count(b"\n")
+            start = end
+    return chunks
 
 
 def _parse(raw: bytes) -> tuple[dict | None, str | None]:
@@ -70,13 +95,8 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
 
 
 def image_refs(record: dict) -> list[str]:
-    """The image references of a record (`image` as a string or a list); empty when it has none."""
-    image = record.get("image", record.get("images"))
-    if isinstance(image, str) and image:
-        return [image]
-    if isinstance(image, list):
-        return [i for i in image if isinstance(i, str) and i]
-    return []
+    """The image references of a record (the conversation parser's list; a malformed one is an AlignError)."""
+    return list(record_images(record))
 
 
 def resolve_image(ref: str, manifest: Path, image_root: Path | None) -> Path:

@@ -3,14 +3,17 @@ the environment for child `align` processes, and the progress display."""
 
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 
 from align.backbones.llm import cpu_accelerator_without_gpu
+from align.errors import AlignError
 
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -32,6 +35,41 @@ class Ranks:
         """Wait for every rank (no-op alone)."""
         if self.world > 1:
             dist.barrier()
+
+    def decide(self, decision):
+        """`decision()` as rank 0 takes it, on every rank: a choice read from files is made once and shared, so
+        ranks on nodes that do not share a folder never disagree."""
+        outcome = [None]
+        if self.main:
+            try:
+                outcome = [("value", decision())]
+            except AlignError as exc:  # every rank fails alike, rather than the others waiting forever
+                outcome = [("error", str(exc))]
+        if self.world > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise AlignError(value)
+        return value
+
+    def all(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank."""
+        return self.sum([int(bool(flag))])[0] == self.world
+
+    def sees_rank0_files(self, folder: Path) -> bool:
+        """Whether every rank sees the files rank 0 writes in `folder` (a folder shared by all nodes)."""
+        if self.world == 1:
+            return True
+        probe = self.decide(lambda: f".align-shared-{os.getpid()}-{time.time_ns()}")
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / probe).write_text("")
+        self.barrier()
+        seen = self.all((folder / probe).is_file())
+        self.barrier()
+        if self.main:
+            (folder / probe).unlink(missing_ok=True)
+        return seen
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over ranks."""

@@ -82,9 +82,14 @@ def collect_images(manifests: Iterable[Path], image_root: Path | None, rejects: 
     seen: dict[str, None] = {}
     for manifest in manifests:
         for item in read_manifest(manifest, rejects):
-            refs = image_refs(item.record)
+            try:
+                refs = image_refs(item.record)
+            except AlignError as exc:
+                refs, reason = [], str(exc)
+            else:
+                reason = "record without an image"
             if not refs and rejects is not None:
-                rejects.add(item.where, "record without an image")
+                rejects.add(item.where, reason)
             for ref in refs:
                 seen.setdefault(str(resolve_image(ref, item.manifest, image_root)), None)
     return list(seen)

@@ -83,7 +83,13 @@ def caption_manifest(
     for item in read_manifest(Path(manifest), rejects):
         if item.line in done:
             summary.already_done += 1
-        elif len(image_refs(item.record)) != 1:
+            continue
+        try:
+            refs = image_refs(item.record)
+        except AlignError as exc:
+            rejects.add(item.where, str(exc))
+            continue
+        if len(refs) != 1:
             rejects.add(item.where, "a record to caption needs exactly one image")
         else:
             pending.append(item)

@@ -57,9 +57,25 @@ class Stage(Strict):
     micro_batch_size: int = Field(1, gt=0, description="samples per forward pass on one process")
     epochs: int = Field(1, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="optimizer steps per epoch (default: one data pass)")
+    truncate: Literal["reply", "turns"] | None = Field(
+        None, description="too long: 'reply' cuts the last reply to fit, 'turns' drops whole exchanges and refuses "
+        "a first exchange that does not fit (default: 'reply' for caption stages, else 'turns')")
+    loss: Literal["token", "micro_batch_mean"] = Field(
+        "token", description="'token': mean over the global batch's supervised tokens (invariant to micro-batches "
+        "and processes); 'micro_batch_mean': MiniGPT-4's mean of per-micro-batch means, for exact reproductions")
     lr: Schedule
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay of weight matrices (never biases or norms)")
     init_from: str | None = Field("previous", description="'previous' stage's adapter, an adapter path, or null")
+
+    @property
+    def caption_stage(self) -> bool:
+        """A stage of captions: prompted caption records, or a caption template."""
+        return bool(self.prompts) or (self.template or "").endswith("caption")
+
+    @property
+    def truncation(self) -> str:
+        """The truncation mode in force."""
+        return self.truncate or ("reply" if self.caption_stage else "turns")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "Stage":
@@ -77,6 +93,9 @@ class Runtime(Strict):
     zero_stage: int = Field(2, ge=0, le=3)
     seed: int = 42
     save_interval: int = Field(500, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept per stage (older ones are deleted)")
+    render_cache: Path | None = Field(None, description="folder of render caches (default: <output_dir>/render-cache)")
+    render_workers: int | None = Field(None, ge=1, description="processes that build a render cache (default: cores)")
     output_dir: Path = Path("runs/align")
     gradient_clipping: float = Field(1.0, ge=0)
     trust_remote_code: bool = False
@@ -157,8 +176,21 @@ def _resolve(path: Path | None, base: Path) -> Path | None:
     return None if path is None else (path if path.expanduser().is_absolute() else base / path).expanduser()
 
 
+def _set_keys(overrides: list[str], data: dict) -> set[tuple]:
+    """The recipe locations (stage names turned into indices) that `--set` assigned, or whose parent it assigned."""
+    names = [s.get("name") for s in data.get("stages", []) if isinstance(s, dict)] if isinstance(data, dict) else []
+    keys = set()
+    for assignment in overrides:
+        parts = assignment.split("=", 1)[0].split(".")
+        if len(parts) > 1 and parts[0] == "stages" and parts[1] in names:
+            parts[1] = str(names.index(parts[1]))
+        keys.add(tuple(parts))
+    return keys
+
+
 def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
-    """Read, override, validate; relative paths in the recipe are relative to its file."""
+    """Read, override, validate; relative paths in the recipe are relative to its file, those given with `--set`
+    to the working directory (where they were typed)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -175,15 +207,23 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
-    base = path.parent.resolve()
-    recipe.features = _resolve(recipe.features, base)
-    recipe.backbone.model = _resolve(recipe.backbone.model, base)
-    recipe.runtime.output_dir = _resolve(recipe.runtime.output_dir, base)
-    for stage in recipe.stages:
-        for source in stage.data:
-            source.manifest = _resolve(source.manifest, base)
+    typed = _set_keys(list(overrides), data)
+    recipe_dir, cwd = path.parent.resolve(), Path.cwd()
+
+    def resolve(value: Path | None, *where) -> Path | None:
+        where = tuple(str(w) for w in where)
+        from_command_line = any(where[:len(key)] == key for key in typed)
+        return _resolve(value, cwd if from_command_line else recipe_dir)
+
+    recipe.features = resolve(recipe.features, "features")
+    recipe.backbone.model = resolve(recipe.backbone.model, "backbone", "model")
+    recipe.runtime.output_dir = resolve(recipe.runtime.output_dir, "runtime", "output_dir")
+    recipe.runtime.render_cache = resolve(recipe.runtime.render_cache, "runtime", "render_cache")
+    for i, stage in enumerate(recipe.stages):
+        for j, source in enumerate(stage.data):
+            source.manifest = resolve(source.manifest, "stages", i, "data", j, "manifest")
         if stage.init_from not in (None, "previous"):
-            stage.init_from = str(_resolve(Path(stage.init_from), base))
+            stage.init_from = str(resolve(Path(stage.init_from), "stages", i, "init_from"))
     return recipe
 
 

@@ -1,23 +1,30 @@
 """`align train`: run a recipe's stages in order, training only the projector under a DeepSpeed engine.
 
-The DeepSpeed engine wraps the projector alone (the frozen LLM stays outside it), so every ZeRO stage partitions
-only what is trained, checkpoints never hold frozen weights, and a previous stage's adapter is loaded into the plain
-projector before the engine exists (which is what makes ZeRO-3 stage chaining work).
+A stage runs in named steps: its data (the render cache and the order of global batches), its engine (the
+projector, its optimizer and schedule under DeepSpeed), resuming (align's own pickle-free training state), the
+optimizer steps, and finishing (adapter, summary). Every choice read from a file is taken on rank 0 and shared.
+
+The loss of a global batch is the sum of its supervised tokens' cross-entropy divided by their number over the
+whole global batch, so the adapter does not depend on the micro-batch size or the number of processes
+(`loss: micro_batch_mean` keeps MiniGPT-4's mean of micro-batch means for exact reproductions).
 """
 
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.progress import Progress
 
 from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
@@ -27,15 +34,17 @@ from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.llm import load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
-from align.constants import ADAPTER_DIR, CHECKPOINTS, LATEST, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
+from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
 from align.errors import AlignError
-from align.backbones.chat_templates import template_for
-from align.tools.feature_store import FeatureStore
+from align.files import read_json_object, write_atomic
+from align.templates import IGNORE_INDEX
+from align.tools.feature_store import FeatureStore, ShardRows
+from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
+from align.tools.training import train_state
+from align.tools.training.data_order import DataOrder
 from align.tools.training.recipe import Recipe, Stage, load_recipe
-from align.tools.rejects import RejectLog
-from align.tools.runtime import local_device, progress_columns, start_ranks
-from align.tools.training.training_data import BatchPlan, build_samples, collate
-
+from align.tools.training.render_cache import RenderCache, RenderSettings, build_cache
+from align.tools.training.training_data import collate
 
 
 def gradient_norm(parameters) -> float | None:
@@ -84,94 +93,177 @@ class StopOnInterrupt:
 
 @dataclass
 class Run:
-    """What every stage shares: recipe, ranks, backbone, tokenizer, store, frozen LLM."""
+    """What every stage shares: recipe, ranks, backbone, store, frozen LLM, and whether ranks share the output."""
 
     recipe: Recipe
-    rank: int
-    world: int
+    ranks: Ranks
     device: torch.device
     spec: BackboneSpec
-    store: FeatureStore
+    store_meta: dict
     model: VisionLLM | None = None
+    shared_output: bool = True
 
     @property
     def main(self) -> bool:
         """True on the process that logs and writes adapters."""
-        return self.rank == 0
+        return self.ranks.main
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """[views, queries, width] of the store's rows."""
+        return tuple(self.store_meta["row_shape"])
 
 
-def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterConfig:
-    """The metadata that binds this stage's projector to its backbone, template and encoder."""
-    return AdapterConfig.for_backbone(
-        run.spec, projector=run.recipe.projector, in_features=run.store.row_shape[-1], template=template,
-        num_query_tokens=run.store.row_shape[1], encoder_fingerprint=run.store.meta["encoder_fingerprint"],
-        stage=stage.name, step=step,
+@dataclass
+class StageData:
+    """A stage's samples (the render cache), their order, and the store rows they point at."""
+
+    cache: RenderCache
+    order: DataOrder
+    rows: ShardRows
+    pad_id: int
+    template: str
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch."""
+        return self.order.steps_per_epoch
+
+
+@dataclass
+class StepTotals:
+    """One optimizer step, summed over ranks."""
+
+    loss_sum: float = 0.0  # cross-entropy summed over supervised tokens (token loss), or of micro-batch means
+    supervised: int = 0
+    micro_batches: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    stop: int = 0
+
+    def reduce(self, ranks: Ranks) -> "StepTotals":
+        """The totals over every rank."""
+        if ranks.world == 1:
+            return self
+        values = torch.tensor([getattr(self, f) for f in self.__dataclass_fields__], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        kinds = {f: type(getattr(self, f)) for f in self.__dataclass_fields__}
+        return StepTotals(**{f: kinds[f](v) for f, v in zip(self.__dataclass_fields__, values.tolist())})
+
+
+@dataclass
+class Stats:
+    """What a finished stage reports."""
+
+    applied: int = 0
+    skipped: list[int] = field(default_factory=list)
+    last_loss: float | None = None
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+def render_settings(run: Run, stage: Stage) -> RenderSettings:
+    """Everything that decides the stage's rendered samples."""
+    model = run.recipe.backbone.model or run.spec.model_path
+    if model is None:
+        raise AlignError(f"backbone '{run.spec.name}' has no local model: set backbone.model or `align add-backbone`")
+    return RenderSettings(
+        backbone=run.spec.name, model=str(model), template=stage.template, system=run.spec.system,
+        max_length=stage.max_length, prompts=tuple(stage.prompts) if stage.prompts else None,
+        truncate=stage.truncation, seed=run.recipe.runtime.seed, num_query_tokens=run.row_shape[1],
+        store=str(run.recipe.features), manifests=tuple(str(d.manifest) for d in stage.data),
     )
 
 
-def _projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full projector weights on every rank (gathered from ZeRO-3 partitions)."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    context = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else nullcontext()
-    with context:
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+def cache_root(recipe: Recipe) -> Path:
+    """Where a run's render caches live."""
+    return recipe.runtime.render_cache or recipe.runtime.output_dir / "render-cache"
 
 
-def initial_projector(run: Run, stage: Stage, previous: Path | None, template: str) -> torch.nn.Module:
-    """A new projector, or the previous stage's / a given adapter loaded into it (checked to fit)."""
-    projector = build_projector(run.recipe.projector, run.store.row_shape[-1], run.spec.hidden_size)
+def render_workers(recipe: Recipe) -> int:
+    """Processes that build a render cache."""
+    return recipe.runtime.render_workers or max(1, len(os.sched_getaffinity(0)))
+
+
+def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
+    """Build (one process per node, or rank 0 alone when the folder is shared) or reuse the stage's render cache,
+    then open it on every rank."""
+    settings = render_settings(run, stage)
+    root = cache_root(run.recipe)
+    builds = run.main if run.shared_output else run.ranks.local_rank == 0
+    path = None
+    if builds:
+        path = build_cache(settings, root, render_workers(run.recipe), show_progress and run.main)
+    name = run.ranks.decide(lambda: path.name)
+    run.ranks.barrier()
+    cache = RenderCache(root / name)
+    stage_dir = run.recipe.runtime.output_dir / stage.name
+    if run.main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
+    if len(cache) == 0:
+        reasons = cache.meta["rejects_by_reason"]
+        raise AlignError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
+                         f"(details in {stage_dir / REJECTS})")
+    order = DataOrder(cache.samples_per_source, [d.ratio for d in stage.data], stage.global_batch_size,
+                      run.recipe.runtime.seed, stage.steps_per_epoch)
+    rows = ShardRows(run.recipe.features, cache.meta["store_shards"], run.row_shape)
+    tokenizer = backbone_tokenizer(run.spec, Path(settings.model))
+    return StageData(cache, order, rows, tokenizer.pad_id, cache.meta["template"])
+
+
+# -- engine --------------------------------------------------------------------------------------------------------
+
+
+def parameter_groups(projector: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight matrices decay, biases and norm scales do not (as LAVIS / MiniGPT-4's runner)."""
+    decay = [p for p in projector.parameters() if p.ndim >= 2]
+    plain = [p for p in projector.parameters() if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def initial_projector(run: Run, stage: Stage, previous: Path | None) -> torch.nn.Module:
+    """A new projector, or the previous stage's / a given adapter loaded into it (read by rank 0, checked, shared)."""
+    torch.manual_seed(run.recipe.runtime.seed)
+    projector = build_projector(run.recipe.projector, run.row_shape[-1], run.spec.hidden_size)
     source = previous if stage.init_from == "previous" else (Path(stage.init_from) if stage.init_from else None)
-    if source is not None:
+    if source is None:
+        return projector
+
+    def read() -> dict:
         config, state = load_adapter(source)
         config.check_fits(backbone=run.spec.name, hidden_size=run.spec.hidden_size, vocab_size=run.spec.vocab_size,
-                          template=config.template, num_query_tokens=run.store.row_shape[1],
-                          encoder_fingerprint=run.store.meta["encoder_fingerprint"], where=str(source))
-        projector.load_state_dict(state)
+                          template=config.template, num_query_tokens=run.row_shape[1],
+                          encoder_fingerprint=run.store_meta["encoder_fingerprint"], where=str(source))
+        return {k: v.numpy() for k, v in state.items()}
+
+    state = run.ranks.decide(read)
+    projector.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     return projector
 
 
-def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, show_progress: bool) -> Path:
-    """Train one stage to its end (or resume it); returns its adapter directory."""
+def make_engine(run: Run, stage: Stage, previous: Path | None, total: int):
+    """The projector under DeepSpeed with AdamW and the stage's schedule; returns (engine, scheduler)."""
     import deepspeed
 
     runtime = run.recipe.runtime
-    stage_dir = runtime.output_dir / stage.name
-    adapter_dir = stage_dir / ADAPTER_DIR
-    if resume and (stage_dir / STAGE_DONE).is_file():
-        return adapter_dir
-    tokenizer = backbone_tokenizer(run.spec, run.recipe.backbone.model)
-    template = template_for(run.spec, tokenizer, name=stage.template, model=run.recipe.backbone.model)
-    rejects = RejectLog(stage_dir / REJECTS) if run.main else None
-    per_source = build_samples(
-        [d.manifest for d in stage.data], run.store, template, tokenizer, system=run.spec.system,
-        max_length=stage.max_length, prompts=stage.prompts, seed=runtime.seed,
-        rejects=rejects,  # only rank 0 logs: every rank renders the same samples
-    )
-    if not any(per_source):
-        reasons = dict(rejects.counts) if rejects else {}
-        raise AlignError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
-                         f"(details in {stage_dir / 'rejects.jsonl'})")
-    plan = BatchPlan(per_source, [d.ratio for d in stage.data], stage.global_batch_size, runtime.seed)
-    steps_per_epoch = stage.steps_per_epoch or plan.steps_per_pass
-    total = stage.epochs * steps_per_epoch
-    micro_per_rank, remainder = divmod(stage.global_batch_size, stage.micro_batch_size * run.world)
+    micro_per_rank, remainder = divmod(stage.global_batch_size, stage.micro_batch_size * run.ranks.world)
     if remainder:
         raise AlignError(f"stage {stage.name}: global_batch_size {stage.global_batch_size} does not split into "
-                         f"micro-batches of {stage.micro_batch_size} over {run.world} process(es)")
-
-    torch.manual_seed(runtime.seed)
-    projector = initial_projector(run, stage, previous, template.name)
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr.init_lr, weight_decay=stage.weight_decay)
+                         f"micro-batches of {stage.micro_batch_size} over {run.ranks.world} process(es)")
+    projector = initial_projector(run, stage, previous)
+    optimizer = torch.optim.AdamW(parameter_groups(projector, stage.weight_decay), lr=stage.lr.init_lr)
+    on_gpu = run.device.type == "cuda"
     ds_config = {
         "train_batch_size": stage.global_batch_size,
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": micro_per_rank,
         "gradient_clipping": runtime.gradient_clipping,
         "zero_optimization": {"stage": runtime.zero_stage},
-        "bf16": {"enabled": runtime.precision == "bf16" and run.device.type == "cuda"},
-        "fp16": {"enabled": runtime.precision == "fp16" and run.device.type == "cuda"},
+        "bf16": {"enabled": runtime.precision == "bf16" and on_gpu},
+        "fp16": {"enabled": runtime.precision == "fp16" and on_gpu},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -181,87 +273,244 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     )
     run.model.projector = engine
     run.model.check_frozen()
+    return engine, scheduler
 
-    start = 0
-    checkpoints = stage_dir / CHECKPOINTS
-    if resume and (checkpoints / LATEST).is_file():
-        _, client = engine.load_checkpoint(str(checkpoints))
-        start = client["step"]
-        torch.set_rng_state(client["torch_rng"])
-    views = run.store.row_shape[0]
 
-    def save(step: int) -> None:
-        engine.save_checkpoint(str(checkpoints), tag=f"step{step}",
-                               client_state={"step": step, "torch_rng": torch.get_rng_state()})
-        state = _projector_state(engine, runtime.zero_stage)
-        if run.main:
-            save_adapter(adapter_dir, adapter_config(run, stage, step, template.name), state)
+def projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full projector weights on every rank (gathered from ZeRO-3 partitions)."""
+    import deepspeed
 
-    metrics = (runtime.output_dir / METRICS).open("a") if run.main else None
-    amp = TORCH_DTYPES[runtime.precision] if runtime.precision != "fp32" else None
+    params = list(engine.module.parameters())
+    context = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else nullcontext()
+    with context:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterConfig:
+    """The metadata that binds this stage's projector to its backbone, template and encoder."""
+    return AdapterConfig.for_backbone(
+        run.spec, projector=run.recipe.projector, in_features=run.row_shape[-1], template=template,
+        num_query_tokens=run.row_shape[1], encoder_fingerprint=run.store_meta["encoder_fingerprint"],
+        stage=stage.name, step=step,
+    )
+
+
+# -- resume --------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, stats: Stats) -> None:
+    """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
+    import deepspeed
+
+    folder = train_state.step_dir(checkpoints, step)
+    params = list(engine.module.parameters())
+    gather = run.recipe.runtime.zero_stage == 3
+    with deepspeed.zero.GatheredParameters(params) if gather else nullcontext():
+        projector = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": train_state.rng_state()}
+    train_state.save_rank_state(folder, run.ranks.rank, state)
+    run.ranks.barrier()
+    if run.main:
+        train_state.commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
+                                    "skipped": stats.skipped, "last_loss": stats.last_loss})
+    run.ranks.barrier()
+    train_state.prune(checkpoints, run.recipe.runtime.keep_checkpoints, run.ranks.rank, run.main)
+
+
+def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]:
+    """Load the newest whole checkpoint (chosen by rank 0) into the engine; returns its step and stats."""
+    import deepspeed
+
+    found = run.ranks.decide(lambda: _newest_commit(checkpoints))
+    if found is None:
+        return 0, Stats()
+    step, info = found
+    if info["world"] != run.ranks.world:
+        raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} process(es), "
+                         f"this run has {run.ranks.world}; resume with as many")
+    problem = None
+    try:
+        state = train_state.load_rank_state(train_state.step_dir(checkpoints, step), run.ranks.rank)
+    except AlignError as exc:
+        problem, state = str(exc), None
+    if not run.ranks.all(problem is None):
+        raise AlignError(problem or f"{checkpoints}: another rank cannot read the checkpoint of step {step}")
+    params = list(engine.module.parameters())
+    gather = run.recipe.runtime.zero_stage == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if gather else nullcontext():
+        engine.module.load_state_dict(state["projector"])
+    optimizer_state = state["optimizer"]
+    if run.recipe.runtime.zero_stage in (1, 2):
+        # DeepSpeed's ZeRO 1/2 optimizer takes every rank's list and picks its own entry.
+        listed = [None] * run.ranks.world
+        listed[run.ranks.rank] = optimizer_state
+        engine.optimizer.load_state_dict(listed, load_from_fp32_weights=True)
+    elif run.recipe.runtime.zero_stage == 3:
+        engine.optimizer.load_state_dict([optimizer_state], load_from_fp32_weights=True)
+    else:
+        engine.optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(state["scheduler"])
+    train_state.set_rng_state(state["rng"])
+    return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"])
+
+
+def _newest_commit(checkpoints: Path) -> tuple[int, dict] | None:
+    steps = train_state.committed_steps(checkpoints)
+    if not steps:
+        return None
+    return steps[-1], train_state.read_commit(train_state.step_dir(checkpoints, steps[-1]))
+
+
+# -- steps ---------------------------------------------------------------------------------------------------------
+
+
+def supervised_count(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that are predicted and learnt: labels after the first position (the model predicts the next token)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def micro_batch_loss(model: VisionLLM, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the micro-batch's supervised tokens, and their number."""
+    logits = model(inputs["input_ids"], inputs["attention_mask"], inputs["image_mask"], inputs["features"]).logits
+    labels = inputs["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, supervised_count(inputs["labels"])
+
+
+def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
+               step: int) -> tuple[StepTotals, float | None]:
+    """One optimizer step: this rank's micro-batches of global batch `step`, normalised as the recipe says; with
+    the gradient norm read from `.grad` before the update (where DeepSpeed reports none)."""
+    ids = data.order.sample_ids(epoch, step)
+    samples = data.cache.samples(ids, epoch)
+    samples.sort(key=lambda s: len(s.input_ids))  # micro-batches of similar lengths pad little
+    global_tokens = sum(int(np.count_nonzero(np.asarray(s.labels[1:]) != IGNORE_INDEX)) for s in samples)
+    size = stage.micro_batch_size
+    micro = [samples[i:i + size] for i in range(0, len(samples), size)]
+    views = run.row_shape[0]
+    # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
+    view = 1 + epoch % (views - 1) if views > 1 else 0
+    amp = TORCH_DTYPES[run.recipe.runtime.precision] if run.recipe.runtime.precision != "fp32" else None
+    totals, own_norm = StepTotals(), None
+    mine = micro[run.ranks.rank::run.ranks.world]
+    for k, batch in enumerate(mine):
+        inputs = {k: v.to(run.device) for k, v in collate(batch, data.rows, view, data.pad_id).items()}
+        with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
+            loss_sum, tokens = micro_batch_loss(run.model, inputs)
+        if stage.loss == "token":
+            # DeepSpeed averages gradients over ranks: scaling by the world size leaves Σ loss / global tokens.
+            engine.backward(loss_sum * run.ranks.world / max(1, global_tokens), scale_wrt_gas=False)
+            totals.loss_sum += loss_sum.item()
+        else:
+            mean = loss_sum / tokens.clamp(min=1)
+            engine.backward(mean)
+            totals.loss_sum += mean.item()
+        totals.supervised += int(tokens)
+        totals.micro_batches += 1
+        totals.real_tokens += int(inputs["attention_mask"].sum())
+        totals.padded_tokens += inputs["attention_mask"].numel()
+        if k == len(mine) - 1:  # the boundary: gradients are whole (and reduced over ranks) until the step
+            own_norm = gradient_norm(run.model.trainable_parameters())
+        engine.step()
+    return totals, own_norm
+
+
+def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start: int, total: int, stats: Stats,
+              show_progress: bool, metrics) -> None:
+    """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
+    runtime = run.recipe.runtime
+    checkpoints = runtime.output_dir / stage.name / CHECKPOINTS
     columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}")
-    step = start
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
         task = bar.add_task(stage.name, total=total, completed=start, loss="-")
         for step in range(start, total):
-            epoch = step // steps_per_epoch
-            # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
-            view = 1 + epoch % (views - 1) if views > 1 else 0
-            batch = plan.batch(epoch, step % steps_per_epoch)
-            micro = [batch[i:i + stage.micro_batch_size] for i in range(0, len(batch), stage.micro_batch_size)]
-            mine = micro[run.rank::run.world]
+            epoch = step // data.steps_per_epoch
             started = time.perf_counter()
-            losses, real, padded, own_norm = [], 0, 0, None
-            for k, samples in enumerate(mine):
-                inputs = {k: v.to(run.device) for k, v in collate(samples, run.store, view, tokenizer.pad_id).items()}
-                autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
-                with autocast:
-                    loss = run.model(**inputs).loss
-                engine.backward(loss)
-                if k == len(mine) - 1:  # the boundary: gradients are whole (and reduced over ranks) until the step
-                    own_norm = gradient_norm(run.model.trainable_parameters())
-                engine.step()
-                losses.append(loss.detach().float())
-                real += int(inputs["attention_mask"].sum())
-                padded += inputs["attention_mask"].numel()
-            totals = torch.tensor([sum(losses).item(), len(losses), real, padded, stop.requested], dtype=torch.float64)
-            if run.world > 1:
-                torch.distributed.all_reduce(totals)
+            lr = engine.get_lr()[0]  # the rate this step applies (the schedule moves on after it)
+            totals, own_norm = train_step(run, stage, data, engine, epoch, step % data.steps_per_epoch)
+            totals.stop = int(stop.requested)
+            totals = totals.reduce(run.ranks)
+            applied = engine.was_step_applied()
+            if applied:
+                stats.applied += 1
+            else:
+                stats.skipped.append(step + 1)  # an fp16 overflow: DeepSpeed skipped the update
             seconds = time.perf_counter() - started
-            engine_norm = engine.get_global_grad_norm()  # DeepSpeed's own where it computes one (ZeRO 1-3)
+            loss = (totals.loss_sum / max(1, totals.supervised) if stage.loss == "token"
+                    else totals.loss_sum / max(1, totals.micro_batches))
+            stats.last_loss = loss
+            norm = engine.get_global_grad_norm()
             record = {
-                "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": totals[0].item() / totals[1].item(),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine_norm) if engine_norm is not None else own_norm,
-                "samples_per_second": stage.global_batch_size / seconds, "tokens_per_second": totals[2].item() / seconds,
-                "padding_efficiency": totals[2].item() / totals[3].item(), "peak_memory_mb": peak_memory_mb(run.device),
+                "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": loss, "lr": lr,
+                "grad_norm": _float(norm) if norm is not None else own_norm, "skipped": not applied,
+                "supervised_tokens": totals.supervised,
+                "samples_per_second": stage.global_batch_size / seconds,
+                "tokens_per_second": totals.real_tokens / seconds,
+                "padding_efficiency": totals.real_tokens / max(1, totals.padded_tokens),
+                "peak_memory_mb": peak_memory_mb(run.device),
             }
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            bar.update(task, advance=1, loss=f"{record['loss']:.4f}")
-            if totals[4].item() > 0:
+            bar.update(task, advance=1, loss=f"{loss:.4f}")
+            if totals.stop:
                 # Ctrl-C (on any rank) finishes the running step, so the checkpoint sits on a step boundary.
-                save(step + 1)
+                save_checkpoint(run, engine, scheduler, checkpoints, step + 1, stats)
                 raise KeyboardInterrupt
             if (step + 1) % runtime.save_interval == 0 and step + 1 < total:
-                save(step + 1)
-    save(total)
-    if run.main:
-        summary = {"stage": stage.name, "steps": total, "samples": plan.size,
-                   "rejected": rejects.total if rejects else 0, "final_loss": record["loss"] if total > start else None}
-        (stage_dir / STAGE_DONE).write_text(json.dumps(summary))
-        if show_progress:
-            bar.console.print(f"{stage.name}: {total} steps on {plan.size} samples ({summary['rejected']} rejected), "
-                              f"final loss {summary['final_loss']}", highlight=False)
-        rejects.close()
-        metrics.close()
-    return adapter_dir
+                save_checkpoint(run, engine, scheduler, checkpoints, step + 1, stats)
 
 
 def _float(value) -> float | None:
     if value is None:
         return None
     return float(value.item() if hasattr(value, "item") else value)
+
+
+# -- a stage -------------------------------------------------------------------------------------------------------
+
+
+def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, show_progress: bool) -> Path:
+    """Train one stage to its end (or resume it); returns its adapter directory."""
+    runtime = run.recipe.runtime
+    stage_dir = runtime.output_dir / stage.name
+    adapter_dir = stage_dir / ADAPTER_DIR
+    if resume and run.ranks.decide(lambda: (stage_dir / STAGE_DONE).is_file()):
+        return adapter_dir
+    data = stage_data(run, stage, show_progress)
+    total = stage.epochs * data.steps_per_epoch
+    engine, scheduler = make_engine(run, stage, previous, total)
+    checkpoints = stage_dir / CHECKPOINTS
+    start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
+    with ExitStack() as files:
+        metrics = files.enter_context((runtime.output_dir / METRICS).open("a")) if run.main else None
+        run_steps(run, stage, data, engine, scheduler, start, total, stats, show_progress, metrics)
+    finish_stage(run, stage, data, engine, total, stats, show_progress)
+    return adapter_dir
+
+
+def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, stats: Stats,
+                 show_progress: bool) -> None:
+    """Write the stage's adapter and summary (rank 0)."""
+    state = projector_state(engine, run.recipe.runtime.zero_stage)
+    stage_dir = run.recipe.runtime.output_dir / stage.name
+    if not run.main:
+        return
+    save_adapter(stage_dir / ADAPTER_DIR, adapter_config(run, stage, total, data.template), state)
+    meta = data.cache.meta
+    summary = {"stage": stage.name, "steps": total, "applied_steps": stats.applied, "skipped_steps": stats.skipped,
+               "samples": len(data.cache), "truncated": meta["truncated"], "rejected": meta["rejected"],
+               "rejects_by_reason": meta["rejects_by_reason"], "prompts_per_epoch": meta["prompts_per_epoch"],
+               "final_loss": stats.last_loss}
+    write_atomic(stage_dir / STAGE_DONE, json.dumps(summary, indent=1))
+    if show_progress:
+        print(f"{stage.name}: {total} steps on {len(data.cache)} samples ({meta['truncated']} truncated, "
+              f"{meta['rejected']} rejected), final loss {stats.last_loss}", flush=True)
+
+
+# -- a run ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -272,20 +521,54 @@ class TrainOutcome:
     model: VisionLLM
 
 
+def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dumps."""
+    keys = sorted(set(saved) | set(now)) if isinstance(saved, dict) and isinstance(now, dict) else None
+    if keys is None:
+        if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+            return [c for i, (a, b) in enumerate(zip(saved, now)) for c in recipe_changes(a, b, f"{prefix}{i}.")]
+        return [prefix.rstrip(".")] if saved != now else []
+    return [c for k in keys for c in recipe_changes(saved.get(k), now.get(k), f"{prefix}{k}.")]
+
+
+def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> None:
+    """On resume, refuse a recipe that differs from the one the run started with (naming the keys)."""
+    saved_path = run_dir / RECIPE_JSON
+    if not saved_path.is_file() or allow_changes:
+        return
+    saved = read_json_object(saved_path)
+    now = json.loads(recipe.model_dump_json())
+    changed = [k for k in recipe_changes(saved, now) if k != "runtime.output_dir"]
+    if changed:
+        raise AlignError(f"--resume with a changed recipe ({', '.join(changed)}); the run started with "
+                         f"{saved_path}. Pass --allow-recipe-change to resume anyway")
+
+
 def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
-          show_progress: bool = True) -> TrainOutcome:
-    """Run every stage of a recipe in order."""
+          show_progress: bool = True, allow_recipe_change: bool = False, last_in_process: bool = False) -> TrainOutcome:
+    """Run every stage of a recipe in order; `last_in_process` ends the process group afterwards, also on errors
+    (DeepSpeed keeps its groups for the life of the process, so a process that trains again keeps it)."""
     recipe = load_recipe(recipe_path, list(overrides))
     if output is not None:
         recipe.runtime.output_dir = output.resolve()
     ranks = start_ranks(always=True, deepspeed=True)
-    rank, world = ranks.rank, ranks.world
+    try:
+        return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
+    finally:
+        if last_in_process and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
     device = local_device()
     random.seed(recipe.runtime.seed)
     np.random.seed(recipe.runtime.seed)
     spec = get_backbone(recipe.backbone.name)
-    store = FeatureStore.open(recipe.features)
-    run = Run(recipe, rank, world, device, spec, store)
+    store_meta = ranks.decide(lambda: FeatureStore.read_meta(recipe.features))
+    output = recipe.runtime.output_dir
+    if resume:
+        ranks.decide(lambda: check_resumed_recipe(output, recipe, allow_recipe_change))
+    run = Run(recipe, ranks, device, spec, store_meta, shared_output=ranks.sees_rank0_files(output))
     with remote_code_opt_in("runtime.trust_remote_code: true in the recipe (or --set runtime.trust_remote_code=true)"):
         llm = load_frozen_llm(
             spec, recipe.backbone.model, dtype="fp32" if device.type == "cpu" and recipe.runtime.quantization == "none"
@@ -295,11 +578,11 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
         )
     run.model = VisionLLM(llm, torch.nn.Identity())  # each stage puts its own projector engine here
     if run.main:
-        recipe.runtime.output_dir.mkdir(parents=True, exist_ok=True)
-        (recipe.runtime.output_dir / RECIPE_JSON).write_text(recipe.model_dump_json(indent=2))
+        output.mkdir(parents=True, exist_ok=True)
+        write_atomic(output / RECIPE_JSON, recipe.model_dump_json(indent=2))
     adapters, previous = [], None
     for stage in recipe.stages:
         previous = train_stage(run, stage, previous, resume, show_progress)
         adapters.append(previous)
-        torch.distributed.barrier()
+        ranks.barrier()
     return TrainOutcome(adapters, run.model)

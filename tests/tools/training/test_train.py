@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from align.adapters.adapter_files import AdapterError, load_adapter
 from align.tools.training.recipe import RecipeError, load_recipe
 from align.tools.runtime import child_environment
+from align.tools.training.train_state import committed_steps
 from align.tools.training.trainer import train
 from conftest import run_align
 
@@ -60,7 +61,7 @@ def test_loss_falls_and_only_the_projector_learns(workspace):
 
 
 def test_stages_chain_and_adapters_bind_their_backbone(workspace):
-    outcome = train(workspace["recipe"], overrides=workspace["sets"], show_progress=False)
+    outcome = train(workspace["recipe"], overrides=workspace["sets"] + ["runtime.save_interval=1"], show_progress=False)
     caption, chat = outcome.adapters
     config, weights = load_adapter(chat)
     assert (config.stage, config.template, config.backbone, config.projector) == ("chat", "vicuna-v1.1", "tiny-llama", "linear")
@@ -68,8 +69,8 @@ def test_stages_chain_and_adapters_bind_their_backbone(workspace):
     assert set(weights) == {"weight", "bias"}
     assert load_adapter(caption)[0].template == "caption"
     checkpoints = workspace["run"] / "caption" / "checkpoints"
-    saved = sum(f.stat().st_size for f in checkpoints.rglob("*.pt"))
-    assert saved < 100_000  # projector and optimizer only: the frozen LLM is never checkpointed
+    saved = sum(f.stat().st_size for f in checkpoints.rglob("*") if f.is_file())
+    assert 0 < saved < 100_000  # projector and optimizer only: the frozen LLM is never checkpointed
     with pytest.raises(AdapterError, match="made for backbone 'tiny-llama', not 'tiny-qwen2'"):
         config.check_fits(backbone="tiny-qwen2", hidden_size=32, vocab_size=512, template="chatml")
 
@@ -91,7 +92,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch):
     monkeypatch.setattr(trainer, "collate", ctrl_c_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         train(workspace["recipe"], output=workspace["run"] / "cut", overrides=sets, show_progress=False)
-    assert (workspace["run"] / "cut" / "caption" / "checkpoints" / "latest").read_text() == "step3"
+    assert committed_steps(workspace["run"] / "cut" / "caption" / "checkpoints") == [3]
     monkeypatch.setattr(trainer, "collate", real_collate)
     resumed = train(workspace["recipe"], output=workspace["run"] / "cut", resume=True, overrides=sets, show_progress=False)
     for a, b in zip(full.adapters, resumed.adapters):
