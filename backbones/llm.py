@@ -171,8 +171,25 @@ def load_frozen_llm(
             f"{path} has hidden size {hidden} and {rows} embedding rows; backbone '{spec.name}' says "
             f"{spec.hidden_size} and {spec.vocab_size}"
         )
+    without_dropout(llm)
     if gradient_checkpointing:
-        # Checkpointing only acts in train mode; the frozen LLM has no dropout that this would switch on.
+        # Checkpointing only acts in train mode, which would switch dropout on: there is none left.
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         llm.train()
     return llm
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of a frozen model set to 0 (modules, and the rates attention layers apply themselves), so
+    train mode computes exactly what eval mode does."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout", "hidden_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    return model

@@ -60,12 +60,25 @@ def flatten(tree, tensors: dict[str, torch.Tensor], path: str = "s"):
         return {"value": tree}
     if isinstance(tree, (np.integer, np.floating)):
         return {"value": tree.item()}
-    raise StateError(f"cannot store a {type(tree).__name__} in a training state (at {path})")
+    name = type(tree).__name__
+    if state_classes().get(name) is type(tree):
+        return {"object": name, "fields": flatten(dict(vars(tree)), tensors, f"{path}.o")}
+    raise StateError(f"cannot store a {name} in a training state (at {path})")
+
+
+def state_classes() -> dict[str, type]:
+    """The only classes a training state may hold besides data: DeepSpeed's loss scalers and slice addresses,
+    rebuilt from their fields (never from code named in a file)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return {c.__name__: c for c in (LossScaler, DynamicLossScaler, fragment_address)}
 
 
 def unflatten(data, tensors: dict[str, torch.Tensor]):
     """The tree `flatten` described."""
-    (kind, value), = data.items()
+    kind = next(iter(data))
+    value = data[kind]
     if kind == "tensor":
         return tensors[value]
     if kind == "dict":
@@ -76,6 +89,13 @@ def unflatten(data, tensors: dict[str, torch.Tensor]):
         return tuple(unflatten(v, tensors) for v in value)
     if kind == "value":
         return value
+    if kind == "object":
+        cls = state_classes().get(value)
+        if cls is None:
+            raise StateError(f"a training state names class {value!r}, which align does not rebuild")
+        rebuilt = cls.__new__(cls)
+        rebuilt.__dict__.update(unflatten(data["fields"], tensors))
+        return rebuilt
     raise StateError(f"unknown entry {kind!r} in a training state")
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.adapters.adapter_files import AdapterError, load_adapter
+from align.errors import AlignError
 from align.tools.training.recipe import RecipeError, load_recipe
 from align.tools.runtime import child_environment
 from align.tools.training.train_state import committed_steps
@@ -98,6 +99,90 @@ def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch):
     for a, b in zip(full.adapters, resumed.adapters):
         wa, wb = adapter_weights(a), adapter_weights(b)
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
+    """Per-token loss over the global batch: micro-batches of 1, 4 and 16 give the same adapter."""
+    adapters = []
+    for micro in (1, 4, 16):
+        sets = workspace["sets"] + ["stages.caption.global_batch_size=16", f"stages.caption.micro_batch_size={micro}",
+                                    "stages.caption.epochs=4", "stages.chat.epochs=1"]
+        outcome = train(workspace["recipe"], output=workspace["run"] / f"micro{micro}", overrides=sets,
+                        show_progress=False)
+        adapters.append(adapter_weights(outcome.adapters[0]))
+    largest = max((a[k] - b[k]).abs().max().item() for a in adapters for b in adapters for k in a)
+    assert largest < 1e-5, largest
+    # MiniGPT-4's mean of micro-batch means is kept for reproductions, and does depend on the split.
+    means = []
+    for micro in (1, 16):
+        sets = workspace["sets"] + ["stages.caption.global_batch_size=16", f"stages.caption.micro_batch_size={micro}",
+                                    "stages.caption.epochs=4", "stages.chat.epochs=1", "stages.caption.loss=micro_batch_mean"]
+        outcome = train(workspace["recipe"], output=workspace["run"] / f"mean{micro}", overrides=sets, show_progress=False)
+        means.append(adapter_weights(outcome.adapters[0]))
+    assert max((means[0][k] - means[1][k]).abs().max().item() for k in means[0]) > 1e-4
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_resume_under_every_zero_stage(workspace, monkeypatch, zero_stage):
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", f"runtime.zero_stage={zero_stage}"]
+    full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
+    from align.tools.training import trainer
+
+    real_collate, calls = trainer.collate, {"n": 0}
+
+    def ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "collate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(workspace["recipe"], output=workspace["run"] / "cut", overrides=sets, show_progress=False)
+    monkeypatch.setattr(trainer, "collate", real_collate)
+    resumed = train(workspace["recipe"], output=workspace["run"] / "cut", resume=True, overrides=sets, show_progress=False)
+    for a, b in zip(full.adapters, resumed.adapters):
+        wa, wb = adapter_weights(a), adapter_weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_a_changed_recipe_and_planted_pickles_are_never_read(workspace, monkeypatch):
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", "runtime.save_interval=1"]
+    from align.tools.training import trainer
+
+    real_collate, calls = trainer.collate, {"n": 0}
+
+    def ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "collate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(workspace["recipe"], overrides=sets, show_progress=False)
+    monkeypatch.setattr(trainer, "collate", real_collate)
+    with pytest.raises(AlignError, match=r"changed recipe \(stages.0.lr.init_lr\)"):
+        train(workspace["recipe"], resume=True, overrides=sets + ["stages.caption.lr.init_lr=0.5"], show_progress=False)
+    # DeepSpeed's pickled checkpoint files, planted where a resume looks, are never opened.
+    checkpoints = workspace["run"] / "caption" / "checkpoints"
+    planted = checkpoints / "global_step1"
+    planted.mkdir()
+    (planted / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x04not a tensor")
+    (checkpoints / "latest").write_text("global_step1")
+    resumed = train(workspace["recipe"], resume=True, overrides=sets, show_progress=False)
+    assert all(path.is_dir() for path in resumed.adapters)
+    # Only the newest checkpoints are kept (runtime.keep_checkpoints, 2 by default).
+    assert len(committed_steps(checkpoints)) <= 2
+
+
+def test_set_paths_resolve_against_the_working_directory(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(workspace["recipe"], ["features=store", "stages.caption.data.0.manifest=m.jsonl",
+                                               "runtime.output_dir=out"])
+    assert recipe.features == tmp_path / "store" and recipe.runtime.output_dir == tmp_path / "out"
+    assert recipe.stages[0].data[0].manifest == tmp_path / "m.jsonl"
+    assert recipe.stages[1].data[0].manifest == workspace["recipe"].parent / "data" / "captions.jsonl"  # the file's
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])

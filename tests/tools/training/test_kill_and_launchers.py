@@ -1,0 +1,112 @@
+"""Training as launched for real: hard kills at any moment, torchrun across two "nodes", the deepspeed launcher's
+--local_rank. Each test starts `align train` processes, so these are the slow ones."""
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.tools.runtime import child_environment
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def workspace(train_workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
+    recipe = tmp_path / "tiny.yaml"
+    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe)
+    sets = [f"features={train_workspace['features']}",
+            f"stages.caption.data.0.manifest={train_workspace['manifest']}",
+            f"stages.chat.data.0.manifest={train_workspace['manifest']}",
+            "stages.caption.epochs=3", "stages.chat.epochs=2", "runtime.save_interval=1",
+            f"runtime.render_cache={tmp_path / 'render-cache'}"]
+    env = child_environment() | {"OMP_NUM_THREADS": "1", "ALIGN_HOME": str(train_workspace["home"])}
+    return {"recipe": recipe, "sets": sets, "run": tmp_path, "env": env}
+
+
+def align_train(ws, output: Path, *extra: str, prefix=(sys.executable,)) -> list[str]:
+    args = [*prefix, "-m", "align", "train", str(ws["recipe"]), "--output", str(output), *extra]
+    for s in ws["sets"]:
+        args += ["--set", s]
+    return args
+
+
+def adapters(output: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(output / stage / "adapter" / "adapter.safetensors") for stage in ("caption", "chat")]
+
+
+def metric_lines(output: Path) -> int:
+    metrics = output / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace):
+    reference = workspace["run"] / "reference"
+    done = subprocess.run(align_train(workspace, reference), env=workspace["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cut = workspace["run"] / "cut"
+    kills = 0
+    # Kill after 1, 2, 3 and 2 more steps; the delays land kills inside checkpoint writes as well as between them.
+    for steps, delay in ((1, 0.0), (2, 0.05), (3, 0.01), (2, 0.2)):
+        before = metric_lines(cut)
+        process = subprocess.Popen(align_train(workspace, cut, "--resume"), env=workspace["env"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and metric_lines(cut) < before + steps and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 3
+    finish = subprocess.run(align_train(workspace, cut, "--resume"), env=workspace["env"], capture_output=True,
+                            text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    for want, got in zip(adapters(reference), adapters(cut)):
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+
+
+def test_two_nodes_under_torchrun_train_as_one_process(workspace):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    one = workspace["run"] / "one"
+    done = subprocess.run(align_train(workspace, one), env=workspace["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = workspace["run"] / "two"
+    port = free_port()
+    nodes = [subprocess.Popen(
+        align_train(workspace, two, prefix=(torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+                                            "1", "--master-addr", "127.0.0.1", "--master-port", str(port))),
+        env=workspace["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    for a, b in zip(adapters(one), adapters(two)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_deepspeed_launcher_local_rank_argument_is_accepted(workspace):
+    # What `deepspeed` runs on each node: the script with --local_rank=N, and LOCAL_RANK in the environment.
+    output = workspace["run"] / "ds"
+    env = workspace["env"] | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": str(free_port())}
+    args = align_train(workspace, output, "--local_rank=0")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (output / "chat" / "adapter" / "adapter.safetensors").is_file()
