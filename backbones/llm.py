@@ -1,6 +1,7 @@
 """Loading a backbone's LLM, frozen: native transformers classes (official Qwen-1 and Baichuan checkpoints through
 their native layouts), remote code only by explicit opt-in; optional 8-bit / 4-bit quantization through bitsandbytes."""
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -146,7 +147,23 @@ def normalise_output_rows(llm: PreTrainedModel) -> None:
     head = llm.get_output_embeddings().weight
     if not head.is_floating_point():
         raise BackboneError("the output layer must not be quantized: its rows are normalised after loading")
-    head.copy_(torch.nn.functional.normalize(head.float(), dim=-1).to(head.dtype))
+    with gathered([head], modifier_rank=0):
+        head.copy_(torch.nn.functional.normalize(head.float(), dim=-1).to(head.dtype))
+
+
+def gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """A context in which ZeRO-3 partitioned parameters are whole (what rank `modifier_rank` writes is kept and
+    partitioned again); nothing to do for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+
+
+def full_shape(parameter: torch.nn.Parameter) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 holds only a partition of it here."""
+    return getattr(parameter, "ds_shape", parameter.shape)
 
 
 def load_frozen_llm(
@@ -164,8 +181,7 @@ def load_frozen_llm(
     if path is None:
         raise BackboneError(f"backbone '{spec.name}' has no local model: pass a model path or `align add-backbone`")
     llm = load_llm(Path(path), dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code, device=device)
-    hidden = llm.get_input_embeddings().weight.shape[1]
-    rows = llm.get_input_embeddings().weight.shape[0]
+    rows, hidden = full_shape(llm.get_input_embeddings().weight)
     if hidden != spec.hidden_size or rows < spec.vocab_size:
         raise BackboneError(
             f"{path} has hidden size {hidden} and {rows} embedding rows; backbone '{spec.name}' says "

@@ -90,7 +90,8 @@ class Runtime(Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     gradient_checkpointing: bool = False
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3, description="3 also partitions the frozen LLM's weights across ranks")
+    offload_params: bool = Field(False, description="with zero_stage 3: keep the frozen LLM's partitions in CPU memory")
     seed: int = 42
     save_interval: int = Field(500, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept per stage (older ones are deleted)")

@@ -31,7 +31,7 @@ from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapt
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
 from align.backbones.dtypes import TORCH_DTYPES
-from align.backbones.llm import load_frozen_llm, remote_code_opt_in
+from align.backbones.llm import full_shape, load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
@@ -102,6 +102,7 @@ class Run:
     store_meta: dict
     model: VisionLLM | None = None
     shared_output: bool = True
+    llm_engine: object = None  # under ZeRO-3: the engine that partitions the frozen LLM
 
     @property
     def main(self) -> bool:
@@ -495,6 +496,7 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
                  show_progress: bool) -> None:
     """Write the stage's adapter and summary (rank 0)."""
     state = projector_state(engine, run.recipe.runtime.zero_stage)
+    share = frozen_share(run)
     stage_dir = run.recipe.runtime.output_dir / stage.name
     if not run.main:
         return
@@ -503,7 +505,7 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
     summary = {"stage": stage.name, "steps": total, "applied_steps": stats.applied, "skipped_steps": stats.skipped,
                "samples": len(data.cache), "truncated": meta["truncated"], "rejected": meta["rejected"],
                "rejects_by_reason": meta["rejects_by_reason"], "prompts_per_epoch": meta["prompts_per_epoch"],
-               "final_loss": stats.last_loss}
+               "final_loss": stats.last_loss, "frozen_parameters": share}
     write_atomic(stage_dir / STAGE_DONE, json.dumps(summary, indent=1))
     if show_progress:
         print(f"{stage.name}: {total} steps on {len(data.cache)} samples ({meta['truncated']} truncated, "
@@ -511,6 +513,60 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
 
 
 # -- a run ---------------------------------------------------------------------------------------------------------
+
+
+def frozen_llm_ds_config(run: Run) -> dict:
+    """DeepSpeed's ZeRO-3 settings for the frozen LLM: partitioned across ranks, gathered layer by layer."""
+    runtime = run.recipe.runtime
+    on_gpu = run.device.type == "cuda"
+    zero = {"stage": 3}
+    if runtime.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+            "bf16": {"enabled": runtime.precision == "bf16" and on_gpu},
+            "fp16": {"enabled": runtime.precision == "fp16" and on_gpu}, "steps_per_print": 10**9}
+
+
+def load_run_llm(run: Run) -> torch.nn.Module:
+    """The frozen LLM: whole on every rank, or under `zero_stage: 3` partitioned while it loads (each rank holds
+    about 1/world of it, optionally in CPU memory) and gathered layer by layer in forward and backward."""
+    runtime = run.recipe.runtime
+    partition = runtime.zero_stage == 3
+    if partition and runtime.quantization != "none":
+        raise AlignError("zero_stage 3 partitions the frozen LLM, and 8/4-bit weights cannot be partitioned: use "
+                         "quantization none with ZeRO-3, or zero_stage 0-2 with quantization")
+    if runtime.offload_params and not partition:
+        raise AlignError("runtime.offload_params moves ZeRO-3 partitions to CPU memory: it needs zero_stage 3")
+    keep_alive = None
+    if partition:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers loads under deepspeed.zero.Init while this object lives: no rank ever holds the whole model.
+        keep_alive = HfDeepSpeedConfig(frozen_llm_ds_config(run) | {"train_batch_size": run.ranks.world})
+    dtype = "fp32" if run.device.type == "cpu" and runtime.quantization == "none" else runtime.precision
+    with remote_code_opt_in("runtime.trust_remote_code: true in the recipe (or --set runtime.trust_remote_code=true)"):
+        llm = load_frozen_llm(
+            run.spec, run.recipe.backbone.model, dtype=dtype, quantization=runtime.quantization,
+            trust_remote_code=runtime.trust_remote_code, gradient_checkpointing=runtime.gradient_checkpointing,
+            device=None if partition else run.device,
+        )
+    if partition:
+        import deepspeed
+
+        # An engine without optimizer: it installs the hooks that gather each layer's weights when it runs.
+        run.llm_engine = deepspeed.initialize(model=llm, config=keep_alive.config)[0]
+    return llm
+
+
+def frozen_share(run: Run) -> dict:
+    """How many frozen LLM parameters there are, and how many each rank holds."""
+    params = list(run.model.llm.parameters())
+    total = sum(int(np.prod(full_shape(p))) for p in params)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    per_rank = [0] * run.ranks.world
+    per_rank[run.ranks.rank] = held
+    return {"total": total, "held_per_rank": run.ranks.sum(per_rank)}
+
 
 
 @dataclass
@@ -569,14 +625,10 @@ def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allo
     if resume:
         ranks.decide(lambda: check_resumed_recipe(output, recipe, allow_recipe_change))
     run = Run(recipe, ranks, device, spec, store_meta, shared_output=ranks.sees_rank0_files(output))
-    with remote_code_opt_in("runtime.trust_remote_code: true in the recipe (or --set runtime.trust_remote_code=true)"):
-        llm = load_frozen_llm(
-            spec, recipe.backbone.model, dtype="fp32" if device.type == "cpu" and recipe.runtime.quantization == "none"
-            else recipe.runtime.precision, quantization=recipe.runtime.quantization,
-            trust_remote_code=recipe.runtime.trust_remote_code,
-            gradient_checkpointing=recipe.runtime.gradient_checkpointing, device=device,
-        )
-    run.model = VisionLLM(llm, torch.nn.Identity())  # each stage puts its own projector engine here
+    if not run.shared_output and run.main:
+        print(f"note: {output} is not shared by every node; each node keeps its own render cache and checkpoints, "
+              "adapters are written on this node", flush=True)
+    run.model = VisionLLM(load_run_llm(run), torch.nn.Identity())  # each stage puts its own projector engine here
     if run.main:
         output.mkdir(parents=True, exist_ok=True)
         write_atomic(output / RECIPE_JSON, recipe.model_dump_json(indent=2))

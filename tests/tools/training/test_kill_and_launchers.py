@@ -1,6 +1,7 @@
 """Training as launched for real: hard kills at any moment, torchrun across two "nodes", the deepspeed launcher's
 --local_rank. Each test starts `align train` processes, so these are the slow ones."""
 
+import json
 import shutil
 import signal
 import socket
@@ -110,3 +111,23 @@ def test_the_deepspeed_launcher_local_rank_argument_is_accepted(workspace):
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (output / "chat" / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_zero3_partitions_the_frozen_llm_across_two_processes(workspace):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    zero0 = workspace["run"] / "zero0"
+    done = subprocess.run(align_train(workspace, zero0, "--set", "runtime.zero_stage=0"), env=workspace["env"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    zero3 = workspace["run"] / "zero3"
+    prefix = (torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()))
+    done = subprocess.run(align_train(workspace, zero3, "--set", "runtime.zero_stage=3", prefix=prefix),
+                          env=workspace["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    share = json.loads((zero3 / "caption" / "stage_done.json").read_text())["frozen_parameters"]
+    assert len(share["held_per_rank"]) == 2
+    for held in share["held_per_rank"]:
+        assert 0.45 < held / share["total"] < 0.55  # each rank holds about half of the frozen LLM
+    for a, b in zip(adapters(zero0), adapters(zero3)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
