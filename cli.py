@@ -369,12 +369,23 @@ def _accept_launcher_rank(local_rank: int | None) -> None:
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
+    render: Annotated[bool, typer.Option(help="Build (or find) each stage's render cache; print samples and rejects by reason.")] = False,
+    world_size: Annotated[int, typer.Option(min=1, help="Processes the run will have: batches must split over them.")] = 1,
 ) -> None:
-    """Check a recipe without running it: schema, backbone, feature store and manifests."""
-    from align.tools.training.recipe import check_recipe
+    """Check a recipe without training: schema, backbone, store, manifests, and what would fail at run time."""
+    from align.tools.training.validate import check_recipe
 
-    checked = check_recipe(recipe, set_ or [])
+    checked, reports = check_recipe(recipe, set_ or [], world_size=world_size, render=render, progress=render)
     console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
+    for report in reports:
+        line = f"  {report.name}: {report.records} records"
+        if report.samples is not None:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.rejects_by_reason.items(), key=lambda i: -i[1]))
+            line += (f", {report.samples} samples ({report.truncated} truncated), {report.steps} steps; "
+                     f"rejected: {reasons or 'none'}")
+            if report.prompts_per_epoch is False and checked.stages[reports.index(report)].prompts:
+                line += "; prompts drawn once per record (the template tokenizes prompt and reply together)"
+        console.print(escape(line), highlight=False)
 
 
 AdapterArg = Annotated[Path, typer.Option("--adapter", help="Adapter directory (adapter_config.json + adapter.safetensors).")]

@@ -226,28 +226,3 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         if stage.init_from not in (None, "previous"):
             stage.init_from = str(resolve(Path(stage.init_from), "stages", i, "init_from"))
     return recipe
-
-
-def check_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
-    """Validate a recipe and what it points at (backbone, feature store, manifests), reporting every problem."""
-    from align.backbones.registry import get_backbone
-    from align.templates import check_template_name
-    from align.tools.feature_store import FeatureStore
-
-    recipe = load_recipe(path, overrides)
-    problems = []
-    for check in (lambda: get_backbone(recipe.backbone.name), lambda: FeatureStore.open(recipe.features)):
-        try:
-            check()
-        except AlignError as exc:
-            problems.append(str(exc))
-    for stage in recipe.stages:
-        if stage.template:
-            try:
-                check_template_name(stage.template)
-            except AlignError as exc:
-                problems.append(f"stage {stage.name}: {exc}")
-        problems += [f"stage {stage.name}: manifest {d.manifest} does not exist" for d in stage.data if not d.manifest.is_file()]
-    if problems:
-        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return recipe

@@ -66,6 +66,29 @@ class RenderSettings:
     manifests: tuple[str, ...]
 
 
+def settings_for(recipe, spec, stage, num_query_tokens: int) -> RenderSettings:
+    """The render settings of one stage of a recipe (a `Recipe`, its backbone's `BackboneSpec`, a `Stage`)."""
+    model = recipe.backbone.model or spec.model_path
+    if model is None:
+        raise AlignError(f"backbone '{spec.name}' has no local model: set backbone.model or `align add-backbone`")
+    return RenderSettings(
+        backbone=spec.name, model=str(model), template=stage.template, system=spec.system,
+        max_length=stage.max_length, prompts=tuple(stage.prompts) if stage.prompts else None,
+        truncate=stage.truncation, seed=recipe.runtime.seed, num_query_tokens=num_query_tokens,
+        store=str(recipe.features), manifests=tuple(str(d.manifest) for d in stage.data),
+    )
+
+
+def cache_root(recipe) -> Path:
+    """Where a run's render caches live."""
+    return recipe.runtime.render_cache or recipe.runtime.output_dir / "render-cache"
+
+
+def render_workers(recipe) -> int:
+    """Processes that build a render cache: the recipe's number, else one per core."""
+    return recipe.runtime.render_workers or max(1, len(os.sched_getaffinity(0)))
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     with Path(path).open("rb") as file:
@@ -174,7 +197,7 @@ def _render_chunk(task: tuple[int, int, str, int, int, int, str]) -> dict:
             for ref in conversation.images:
                 key = store.find(resolve_image(ref, item.manifest, None))
                 if key is None:
-                    raise AlignError(f"image {ref} is not in the feature store")
+                    raise AlignError(f"not in the feature store: image {ref}")
                 location = store.index[key]
                 rows.append((shard_index[location.shard] << 32) + location.row)
             rendered = render(template, conversation, tokenizer, system=settings.system,

@@ -11,7 +11,6 @@ whole global batch, so the adapter does not depend on the micro-batch size or th
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -43,7 +42,7 @@ from align.tools.runtime import Ranks, local_device, progress_columns, start_ran
 from align.tools.training import train_state
 from align.tools.training.data_order import DataOrder
 from align.tools.training.recipe import Recipe, Stage, load_recipe
-from align.tools.training.render_cache import RenderCache, RenderSettings, build_cache
+from align.tools.training.render_cache import RenderCache, build_cache, cache_root, render_workers, settings_for
 from align.tools.training.training_data import collate
 
 
@@ -164,33 +163,10 @@ class Stats:
 # -- data ----------------------------------------------------------------------------------------------------------
 
 
-def render_settings(run: Run, stage: Stage) -> RenderSettings:
-    """Everything that decides the stage's rendered samples."""
-    model = run.recipe.backbone.model or run.spec.model_path
-    if model is None:
-        raise AlignError(f"backbone '{run.spec.name}' has no local model: set backbone.model or `align add-backbone`")
-    return RenderSettings(
-        backbone=run.spec.name, model=str(model), template=stage.template, system=run.spec.system,
-        max_length=stage.max_length, prompts=tuple(stage.prompts) if stage.prompts else None,
-        truncate=stage.truncation, seed=run.recipe.runtime.seed, num_query_tokens=run.row_shape[1],
-        store=str(run.recipe.features), manifests=tuple(str(d.manifest) for d in stage.data),
-    )
-
-
-def cache_root(recipe: Recipe) -> Path:
-    """Where a run's render caches live."""
-    return recipe.runtime.render_cache or recipe.runtime.output_dir / "render-cache"
-
-
-def render_workers(recipe: Recipe) -> int:
-    """Processes that build a render cache."""
-    return recipe.runtime.render_workers or max(1, len(os.sched_getaffinity(0)))
-
-
 def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
     """Build (one process per node, or rank 0 alone when the folder is shared) or reuse the stage's render cache,
     then open it on every rank."""
-    settings = render_settings(run, stage)
+    settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
     root = cache_root(run.recipe)
     builds = run.main if run.shared_output else run.ranks.local_rank == 0
     path = None

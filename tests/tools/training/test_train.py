@@ -271,3 +271,14 @@ def test_validate_command(workspace):
     assert ok.returncode == 0 and "ok: 2 stage(s)" in ok.stdout, ok.stderr
     bad = run_align(*args, "--set", "backbone.name=nope")
     assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
+    # What would fail at run time is reported at once, each problem named.
+    bad = run_align(*args, "--set", "stages.caption.prompts=[Describe.]", "--set", "stages.chat.lr.warmup_steps=50",
+                    "--set", "runtime.zero_stage=3", "--set", "runtime.quantization=8bit", "--world-size", "3")
+    assert bad.returncode == 2 and "5 problem(s)" in bad.stderr, bad.stderr
+    for expected in ("takes no prompt text", "warmup_steps 50 is not shorter than the run (at most 4",
+                     "8/4-bit weights cannot be partitioned", "does not split into micro-batches of 4 over 3"):
+        assert expected in bad.stderr
+    rendered = run_align(*args, "--render", "--set", f"runtime.output_dir={workspace['run']}")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "caption: 16 records, 16 samples (0 truncated), 6 steps; rejected: none" in rendered.stdout
+    assert (workspace["run"] / "render-cache").is_dir()

@@ -60,7 +60,7 @@ def test_one_image_list_per_record_and_every_bad_record_rejected_with_its_reason
     reasons = {json.loads(line)["source"].rsplit(":", 1)[1]: json.loads(line)["reason"]
                for line in (cache.path / "rejects.jsonl").read_text().splitlines()}
     assert reasons["1"] == reasons["8"] == "'image' names an empty path"
-    assert "is not in the feature store" in reasons["4"] and "nothing to learn" in reasons["7"]
+    assert reasons["4"].startswith("not in the feature store: image") and "nothing to learn" in reasons["7"]
     kept, long_one, two = cache.samples(np.arange(4), epoch=0)[0], *cache.samples(np.array([2, 3]), epoch=0)
     assert kept.rows == [store_row(workspace, "0.png")]
     assert two.rows == [store_row(workspace, "2.png"), store_row(workspace, "3.png")]  # slot order

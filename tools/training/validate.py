@@ -1,0 +1,126 @@
+"""`align validate`: what a recipe would fail on at run time, found before anything runs; with `--render`, each
+stage's render cache built (or found) and its rejects counted by reason."""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.errors import AlignError
+from align.tools.training.recipe import Recipe, RecipeError, Stage, load_recipe
+
+
+@dataclass
+class StageReport:
+    """One stage as it would train."""
+
+    name: str
+    records: int  # non-blank manifest lines (an upper bound on samples)
+    samples: int | None = None  # with --render
+    truncated: int | None = None
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    steps: int | None = None
+    prompts_per_epoch: bool | None = None
+
+
+def count_records(manifest: Path) -> int:
+    """Non-blank lines of a manifest, counted without parsing them."""
+    count = 0
+    with Path(manifest).open("rb") as lines:
+        for line in lines:
+            count += bool(line.strip())
+    return count
+
+
+def stage_problems(recipe: Recipe, stage: Stage, records: int, world_size: int) -> list[str]:
+    """What would fail in this stage: template choices, batch split, a warm-up longer than the run."""
+    problems = []
+    where = f"stage {stage.name}"
+    if stage.template:
+        from align.templates import check_template_name
+
+        try:
+            check_template_name(stage.template)
+        except AlignError as exc:
+            problems.append(f"{where}: {exc}")
+    if stage.prompts and (stage.template or "").endswith("caption"):
+        problems.append(f"{where}: the {stage.template} template takes no prompt text; drop `prompts` or use a "
+                        "chat template (minigpt4-stage2 is MiniGPT-4's prompted one)")
+    if stage.global_batch_size % (stage.micro_batch_size * world_size):
+        problems.append(f"{where}: global_batch_size {stage.global_batch_size} does not split into micro-batches of "
+                        f"{stage.micro_batch_size} over {world_size} process(es)")
+    if records:
+        steps = stage.epochs * (stage.steps_per_epoch or math.ceil(records / stage.global_batch_size))
+        if stage.lr.warmup_steps >= steps:
+            problems.append(f"{where}: warmup_steps {stage.lr.warmup_steps} is not shorter than the run (at most "
+                            f"{steps} optimizer steps)")
+    return problems
+
+
+def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int = 1,
+                 render: bool = False, progress: bool = False) -> tuple[Recipe, list[StageReport]]:
+    """Validate a recipe and what it points at, reporting every problem at once; `render` builds the caches."""
+    from align.backbones.registry import get_backbone
+    from align.tools.feature_store import FeatureStore
+
+    recipe = load_recipe(path, list(overrides))
+    runtime, problems, spec, meta = recipe.runtime, [], None, None
+    try:
+        spec = get_backbone(recipe.backbone.name)
+    except AlignError as exc:
+        problems.append(str(exc))
+    try:
+        meta = FeatureStore.read_meta(recipe.features)
+    except AlignError as exc:
+        problems.append(str(exc))
+    if spec is not None:
+        model = recipe.backbone.model or (Path(spec.model_path) if spec.model_path else None)
+        if model is None:
+            problems.append(f"backbone '{spec.name}' has no model directory: set backbone.model or add it with "
+                            "`align add-backbone NAME --model DIR`")
+        elif not Path(model).is_dir():
+            problems.append(f"backbone model directory {model} does not exist")
+        if spec.remote_code and not runtime.trust_remote_code:
+            problems.append(f"backbone '{spec.name}' runs its own model code: set runtime.trust_remote_code: true "
+                            "if you trust it")
+    if runtime.zero_stage == 3 and runtime.quantization != "none":
+        problems.append("zero_stage 3 partitions the frozen LLM and 8/4-bit weights cannot be partitioned: "
+                        "use quantization none with ZeRO-3, or zero_stage 0-2 with quantization")
+    if runtime.offload_params and runtime.zero_stage != 3:
+        problems.append("runtime.offload_params needs zero_stage 3")
+    reports = []
+    for stage in recipe.stages:
+        missing = [d.manifest for d in stage.data if not d.manifest.is_file()]
+        problems += [f"stage {stage.name}: manifest {m} does not exist" for m in missing]
+        records = 0 if missing else sum(count_records(d.manifest) for d in stage.data)
+        problems += stage_problems(recipe, stage, records, world_size)
+        reports.append(StageReport(stage.name, records))
+    if problems:
+        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+    if render:
+        render_stages(recipe, spec, meta, reports, progress)
+    return recipe, reports
+
+
+def render_stages(recipe: Recipe, spec, store_meta: dict, reports: list[StageReport], progress: bool) -> None:
+    """Build (or find) each stage's render cache and fill its report; a stage with no sample is a problem."""
+    from align.tools.training.data_order import DataOrder
+    from align.tools.training.render_cache import RenderCache, build_cache, cache_root, render_workers, settings_for
+
+    problems = []
+    for stage, report in zip(recipe.stages, reports):
+        settings = settings_for(recipe, spec, stage, store_meta["row_shape"][1])
+        cache = RenderCache(build_cache(settings, cache_root(recipe), render_workers(recipe), progress))
+        meta = cache.meta
+        report.samples, report.truncated = len(cache), meta["truncated"]
+        report.rejects_by_reason, report.prompts_per_epoch = meta["rejects_by_reason"], meta["prompts_per_epoch"]
+        if not len(cache):
+            problems.append(f"stage {stage.name}: no usable training samples (rejected: {report.rejects_by_reason})")
+            continue
+        order = DataOrder(cache.samples_per_source, [d.ratio for d in stage.data], stage.global_batch_size,
+                          recipe.runtime.seed, stage.steps_per_epoch)
+        report.steps = stage.epochs * order.steps_per_epoch
+        if stage.lr.warmup_steps >= report.steps:
+            problems.append(f"stage {stage.name}: warmup_steps {stage.lr.warmup_steps} is not shorter than the run "
+                            f"({report.steps} optimizer steps)")
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s): " + "; ".join(problems))
