@@ -123,6 +123,9 @@ def extract_features(
     if ranks.rank == 0:
         FeatureStore.create(out, fingerprint, row_shape, info)
     ranks.barrier()
+    if not ranks.sees_rank0_files(Path(out)):
+        raise ExtractError(f"{out} is not shared by every node: the ranks of one extraction write one store, so its "
+                           "folder must be on a file system all nodes see")
     store = FeatureStore.open(out, fingerprint, row_shape)
     writer = f"r{ranks.rank}"
     store.clean_partial_writes(writer)
@@ -132,6 +135,8 @@ def extract_features(
     paths = collect_images(manifests, image_root, rejects if ranks.rank == 0 else None)
     pending = [p for p in paths if p not in store.sources]
     mine = pending[ranks.rank::ranks.world]
+    # Every rank takes its share of the same pending list: nobody commits before all have read the store.
+    ranks.barrier()
     summary = ExtractSummary(store=str(out), device=str(where), dtype=dtype)
     counts = _extract_share(
         store, writer, encoder, where, mine, rejects, batch_size, n_views, workers, convert_modes, max_pixels,

@@ -1,5 +1,6 @@
-"""Training the projector: recipes, manifests rendered into samples and batches, the DeepSpeed trainer, data set
-converters, and `align render`'s views of what the model is trained on.
+"""Training the projector: recipes (`recipe`, `validate`), records rendered once into memory maps (`render_cache`,
+`training_data`), which samples form each batch (`data_order`), pickle-free training state (`train_state`), the
+DeepSpeed trainer, data set converters, and `align render`'s views of what the model is trained on.
 
 May import: the shared tools modules (feature_store, manifest, rejects, runtime) and lower layers.
 """

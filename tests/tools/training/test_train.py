@@ -58,6 +58,8 @@ def test_loss_falls_and_only_the_projector_learns(workspace):
     assert {"loss", "lr", "grad_norm", "samples_per_second", "tokens_per_second", "padding_efficiency",
             "peak_memory_mb"} <= set(first)
     assert 0 < first["padding_efficiency"] <= 1
+    assert first["lr"] == pytest.approx(1e-3)  # the rate step 1 applied: the warm-up's start, not the next step's
+    assert not any(m["skipped"] for m in metrics(workspace["run"]))
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics(workspace["run"]))  # ZeRO 0 too
 
 
@@ -282,3 +284,21 @@ def test_validate_command(workspace):
     assert rendered.returncode == 0, rendered.stderr
     assert "caption: 16 records, 16 samples (0 truncated), 6 steps; rejected: none" in rendered.stdout
     assert (workspace["run"] / "render-cache").is_dir()
+
+
+def test_no_weight_decay_on_biases_and_norms_and_no_dropout_in_the_frozen_llm(workspace):
+    from align.adapters.projector import build_projector
+    from align.backbones.llm import without_dropout
+    from align.tools.training.trainer import parameter_groups
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    projector = build_projector("mlp2x_gelu", 8, 16)
+    groups = parameter_groups(projector, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, attention_dropout=0.3))
+    without_dropout(llm).train()
+    ids = torch.arange(10).unsqueeze(0)
+    torch.testing.assert_close(llm(ids).logits, llm(ids).logits)  # train mode is deterministic: no dropout left
+    assert llm.config.attention_dropout == 0.0
