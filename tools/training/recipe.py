@@ -77,6 +77,13 @@ class Stage(Strict):
         """The truncation mode in force."""
         return self.truncate or ("reply" if self.caption_stage else "turns")
 
+    def split_problem(self, world_size: int) -> str | None:
+        """Why the global batch cannot be split over `world_size` processes, if it cannot."""
+        if self.global_batch_size % (self.micro_batch_size * world_size):
+            return (f"stage {self.name}: global_batch_size {self.global_batch_size} does not split into "
+                    f"micro-batches of {self.micro_batch_size} over {world_size} process(es)")
+        return None
+
     @model_validator(mode="after")
     def _batches_divide(self) -> "Stage":
         if self.global_batch_size % self.micro_batch_size:

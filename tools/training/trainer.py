@@ -226,10 +226,7 @@ def make_engine(run: Run, stage: Stage, previous: Path | None, total: int):
     import deepspeed
 
     runtime = run.recipe.runtime
-    micro_per_rank, remainder = divmod(stage.global_batch_size, stage.micro_batch_size * run.ranks.world)
-    if remainder:
-        raise AlignError(f"stage {stage.name}: global_batch_size {stage.global_batch_size} does not split into "
-                         f"micro-batches of {stage.micro_batch_size} over {run.ranks.world} process(es)")
+    micro_per_rank = stage.global_batch_size // (stage.micro_batch_size * run.ranks.world)
     projector = initial_projector(run, stage, previous)
     optimizer = torch.optim.AdamW(parameter_groups(projector, stage.weight_decay), lr=stage.lr.init_lr)
     on_gpu = run.device.type == "cuda"
@@ -592,6 +589,9 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
 
 
 def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
+    for stage in recipe.stages:  # before anything loads or trains: a later stage must not fail after hours
+        if problem := stage.split_problem(ranks.world):
+            raise AlignError(problem)
     device = local_device()
     random.seed(recipe.runtime.seed)
     np.random.seed(recipe.runtime.seed)

@@ -45,9 +45,8 @@ def stage_problems(recipe: Recipe, stage: Stage, records: int, world_size: int) 
     if stage.prompts and (stage.template or "").endswith("caption"):
         problems.append(f"{where}: the {stage.template} template takes no prompt text; drop `prompts` or use a "
                         "chat template (minigpt4-stage2 is MiniGPT-4's prompted one)")
-    if stage.global_batch_size % (stage.micro_batch_size * world_size):
-        problems.append(f"{where}: global_batch_size {stage.global_batch_size} does not split into micro-batches of "
-                        f"{stage.micro_batch_size} over {world_size} process(es)")
+    if split := stage.split_problem(world_size):
+        problems.append(split)
     if records:
         steps = stage.epochs * (stage.steps_per_epoch or math.ceil(records / stage.global_batch_size))
         if stage.lr.warmup_steps >= steps:
