@@ -199,3 +199,13 @@ def train_workspace(tmp_path_factory, sp_model_dir, hf_chatml_dir, tiny_blip2):
             os.environ["ALIGN_HOME"] = previous
     return {"root": root, "home": home, "manifest": manifest, "features": root / "features",
             "llama": root / "llama", "qwen2": root / "qwen2"}
+
+
+def tiny_recipe(workspace: dict, folder: Path) -> tuple[Path, list[str]]:
+    """recipes/tiny.yaml copied into `folder`, and the --set overrides that point it at a train_workspace."""
+    import shutil
+
+    recipe = folder / "tiny.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", recipe)
+    return recipe, [f"features={workspace['features']}", f"stages.caption.data.0.manifest={workspace['manifest']}",
+                    f"stages.chat.data.0.manifest={workspace['manifest']}"]

@@ -15,20 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from align.tools.runtime import child_environment
-
-ROOT = Path(__file__).resolve().parents[3]
+from conftest import tiny_recipe
 
 
 @pytest.fixture
 def workspace(train_workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
-    recipe = tmp_path / "tiny.yaml"
-    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe)
-    sets = [f"features={train_workspace['features']}",
-            f"stages.caption.data.0.manifest={train_workspace['manifest']}",
-            f"stages.chat.data.0.manifest={train_workspace['manifest']}",
-            "stages.caption.epochs=3", "stages.chat.epochs=2", "runtime.save_interval=1",
-            f"runtime.render_cache={tmp_path / 'render-cache'}"]
+    recipe, sets = tiny_recipe(train_workspace, tmp_path)
+    sets += ["stages.caption.epochs=3", "stages.chat.epochs=2", "runtime.save_interval=1",
+             f"runtime.render_cache={tmp_path / 'render-cache'}"]
     env = child_environment() | {"OMP_NUM_THREADS": "1", "ALIGN_HOME": str(train_workspace["home"])}
     return {"recipe": recipe, "sets": sets, "run": tmp_path, "env": env}
 

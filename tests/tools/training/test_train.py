@@ -19,7 +19,7 @@ from align.tools.training.recipe import RecipeError, load_recipe
 from align.tools.runtime import child_environment
 from align.tools.training.train_state import committed_steps
 from align.tools.training.trainer import train
-from conftest import run_align
+from conftest import run_align, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -27,13 +27,27 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def workspace(train_workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
-    recipe = tmp_path / "tiny.yaml"
-    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe)
-    sets = [f"features={train_workspace['features']}",
-            f"stages.caption.data.0.manifest={train_workspace['manifest']}",
-            f"stages.chat.data.0.manifest={train_workspace['manifest']}",
-            f"runtime.output_dir={tmp_path / 'run'}"]
+    recipe, sets = tiny_recipe(train_workspace, tmp_path)
+    sets.append(f"runtime.output_dir={tmp_path / 'run'}")
     return {**train_workspace, "recipe": recipe, "sets": sets, "run": tmp_path / "run"}
+
+
+def train_until_ctrl_c(workspace, monkeypatch, micro_batch: int, **kwargs) -> None:
+    """Train, pressing Ctrl-C while micro-batch number `micro_batch` (counted from 1) is being collated."""
+    from align.tools.training import trainer
+
+    real_collate, calls = trainer.collate, {"n": 0}
+
+    def ctrl_c(*args, **inner):
+        calls["n"] += 1
+        if calls["n"] == micro_batch:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collate(*args, **inner)
+
+    monkeypatch.setattr(trainer, "collate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(workspace["recipe"], show_progress=False, **kwargs)
+    monkeypatch.setattr(trainer, "collate", real_collate)
 
 
 def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -78,25 +92,15 @@ def test_stages_chain_and_adapters_bind_their_backbone(workspace):
         config.check_fits(backbone="tiny-qwen2", hidden_size=32, vocab_size=512, template="chatml")
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch):
-    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch, zero_stage):
+    """Under every ZeRO stage: the pickle-free state restores DeepSpeed's optimizer exactly."""
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", f"runtime.zero_stage={zero_stage}"]
     full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
 
-    from align.tools.training import trainer
-
-    real_collate, calls = trainer.collate, {"n": 0}
-
-    def ctrl_c_on_third_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # in the middle of the caption stage's third step
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_collate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "collate", ctrl_c_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(workspace["recipe"], output=workspace["run"] / "cut", overrides=sets, show_progress=False)
+    # Ctrl-C in the middle of the caption stage's third step (two micro-batches a step).
+    train_until_ctrl_c(workspace, monkeypatch, 5, output=workspace["run"] / "cut", overrides=sets)
     assert committed_steps(workspace["run"] / "cut" / "caption" / "checkpoints") == [3]
-    monkeypatch.setattr(trainer, "collate", real_collate)
     resumed = train(workspace["recipe"], output=workspace["run"] / "cut", resume=True, overrides=sets, show_progress=False)
     for a, b in zip(full.adapters, resumed.adapters):
         wa, wb = adapter_weights(a), adapter_weights(b)
@@ -124,46 +128,9 @@ def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     assert max((means[0][k] - means[1][k]).abs().max().item() for k in means[0]) > 1e-4
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_resume_under_every_zero_stage(workspace, monkeypatch, zero_stage):
-    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", f"runtime.zero_stage={zero_stage}"]
-    full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
-    from align.tools.training import trainer
-
-    real_collate, calls = trainer.collate, {"n": 0}
-
-    def ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_collate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "collate", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train(workspace["recipe"], output=workspace["run"] / "cut", overrides=sets, show_progress=False)
-    monkeypatch.setattr(trainer, "collate", real_collate)
-    resumed = train(workspace["recipe"], output=workspace["run"] / "cut", resume=True, overrides=sets, show_progress=False)
-    for a, b in zip(full.adapters, resumed.adapters):
-        wa, wb = adapter_weights(a), adapter_weights(b)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_resume_refuses_a_changed_recipe_and_planted_pickles_are_never_read(workspace, monkeypatch):
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", "runtime.save_interval=1"]
-    from align.tools.training import trainer
-
-    real_collate, calls = trainer.collate, {"n": 0}
-
-    def ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_collate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "collate", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train(workspace["recipe"], overrides=sets, show_progress=False)
-    monkeypatch.setattr(trainer, "collate", real_collate)
+    train_until_ctrl_c(workspace, monkeypatch, 3, overrides=sets)
     with pytest.raises(AlignError, match=r"changed recipe \(stages.0.lr.init_lr\)"):
         train(workspace["recipe"], resume=True, overrides=sets + ["stages.caption.lr.init_lr=0.5"], show_progress=False)
     # DeepSpeed's pickled checkpoint files, planted where a resume looks, are never opened.
