@@ -62,8 +62,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True)] = None,
+    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
+                                                      help="Set by the deepspeed launcher (LOCAL_RANK is read).")] = None,
 ) -> None:
     """Give a causal LLM eyes: train one projector on cached BLIP-2 Q-Former features."""
+    # The deepspeed launcher runs `align --local_rank=N COMMAND …` and sets LOCAL_RANK: the environment is read.
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 @backbones_app.command("list")
@@ -196,14 +201,11 @@ def features_extract(
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject images with more pixels (decompression-bomb guard).")] = 89_478_485,
     shard_images: Annotated[int, typer.Option(min=1, help="Images per shard file: work lost to a kill is at most this.")] = 256,
     as_json: JsonFlag = False,
-    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
-                                                      help="Set by the deepspeed launcher (LOCAL_RANK is read).")] = None,
 ) -> None:
     """Run the frozen encoder once over the manifests' images into a feature store (resumable; several processes
     under torchrun or the deepspeed launcher)."""
     from align.tools.features.extract import extract_features
 
-    _accept_launcher_rank(local_rank)
 
     if dtype not in (None, "fp16", "bf16", "fp32"):
         raise AlignError(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
@@ -343,13 +345,10 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint; finished stages are kept.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
     allow_recipe_change: Annotated[bool, typer.Option(help="With --resume: continue although the recipe changed.")] = False,
-    local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
-                                                      help="Set by the deepspeed launcher (LOCAL_RANK is read).")] = None,
 ) -> None:
     """Train the projector through every stage of a recipe (under torchrun, the deepspeed launcher or alone)."""
     from align.tools.training.trainer import train as run
 
-    _accept_launcher_rank(local_rank)
     try:
         adapters = run(recipe, output, resume, set_ or [], allow_recipe_change=allow_recipe_change,
                        last_in_process=True).adapters
@@ -357,12 +356,6 @@ def train(
         raise AlignError("interrupted: a checkpoint was saved; run again with --resume to continue") from None
     for adapter in adapters:
         console.print(f"adapter: {escape(str(adapter))}", highlight=False)
-
-
-def _accept_launcher_rank(local_rank: int | None) -> None:
-    """The deepspeed launcher passes --local_rank and sets LOCAL_RANK; the environment is what align reads."""
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 @app.command("validate")

@@ -97,15 +97,20 @@ def test_two_nodes_under_torchrun_train_as_one_process(workspace):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_the_deepspeed_launcher_local_rank_argument_is_accepted(workspace):
-    # What `deepspeed` runs on each node: the script with --local_rank=N, and LOCAL_RANK in the environment.
-    output = workspace["run"] / "ds"
-    env = workspace["env"] | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": str(free_port())}
-    args = align_train(workspace, output, "--local_rank=0")
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+def test_the_deepspeed_launcher_starts_training(workspace):
+    deepspeed = shutil.which("deepspeed") or pytest.skip("the deepspeed launcher is not installed")
+    # It runs `python -u -m align --local_rank=N train …` per process, with LOCAL_RANK set as well.
+    one, two = workspace["run"] / "one", workspace["run"] / "ds"
+    done = subprocess.run(align_train(workspace, one), env=workspace["env"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (output / "chat" / "adapter" / "adapter.safetensors").is_file()
+    prefix = (deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module")
+    args = align_train(workspace, two, prefix=prefix)
+    args.remove("-m")
+    done = subprocess.run(args, env=workspace["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    for a, b in zip(adapters(one), adapters(two)):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_zero3_partitions_the_frozen_llm_across_two_processes(workspace):
