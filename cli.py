@@ -345,13 +345,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint; finished stages are kept.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
     allow_recipe_change: Annotated[bool, typer.Option(help="With --resume: continue although the recipe changed.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an output folder that holds a run (its stages are deleted).")] = False,
 ) -> None:
     """Train the projector through every stage of a recipe (under torchrun, the deepspeed launcher or alone)."""
     from align.tools.training.trainer import train as run
 
     try:
         adapters = run(recipe, output, resume, set_ or [], allow_recipe_change=allow_recipe_change,
-                       last_in_process=True).adapters
+                       last_in_process=True, overwrite=overwrite).adapters
     except KeyboardInterrupt:
         raise AlignError("interrupted: a checkpoint was saved; run again with --resume to continue") from None
     for adapter in adapters:

@@ -3,6 +3,7 @@ objects with one-line errors."""
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,3 +31,64 @@ def read_json_object(path: Path, error: type[AlignError] = AlignError) -> dict:
     if not isinstance(data, dict):
         raise error(f"{path} is not a JSON object")
     return data
+
+
+def _old(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def recover_dir(directory: Path) -> None:
+    """Finish or undo a `replace_dir` that a kill interrupted: the previous version comes back if the new one never
+    arrived; leftovers of either are removed."""
+    directory, old = Path(directory), _old(Path(directory))
+    if old.exists():
+        if directory.exists():
+            shutil.rmtree(old)  # the new version is in place: the kill came before the old one was removed
+        else:
+            os.replace(old, directory)  # the kill came between the two renames: keep the previous version
+
+
+def replace_dir(staging: Path, directory: Path) -> None:
+    """Put a fully written `staging` folder in place of `directory` so that a kill at any instruction leaves the old
+    version or the new one under the name (`recover_dir` tidies up on the next call)."""
+    directory = Path(directory)
+    recover_dir(directory)
+    if directory.exists():
+        os.replace(directory, _old(directory))
+        os.replace(staging, directory)
+        shutil.rmtree(_old(directory))
+    else:
+        os.replace(staging, directory)
+
+
+class FolderLock:
+    """An exclusive lock on a folder for the length of a job (`.align.lock` inside it, held with flock): a second
+    job on the same folder is refused, naming the holder, instead of mixing its files with the first one's."""
+
+    NAME = ".align.lock"
+
+    def __init__(self, folder: Path, what: str):
+        self.path, self.what, self._file = Path(folder) / self.NAME, what, None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise AlignError(f"{self.path.parent} is in use by another align job ({holder}); wait for it to end or "
+                             f"use another {self.what}") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock

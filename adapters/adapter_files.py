@@ -1,7 +1,7 @@
 """Adapter directories: `adapter_config.json` (what the projector fits) + `adapter.safetensors` (its weights)."""
 
 import json
-import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from align.adapters.projector import build_projector
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
-from align.files import write_atomic
+from align.files import recover_dir, replace_dir, write_atomic
 
 
 
@@ -78,21 +78,17 @@ def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, t
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
     write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        for file in old.iterdir():
-            file.unlink()
-        old.rmdir()
-    else:
-        os.replace(staging, directory)
+    replace_dir(staging, directory)
+    for stale in directory.parent.glob(f".{directory.name}.*"):  # staging folders of writers that were killed
+        if stale.is_dir() and not stale.name.endswith(".old"):
+            shutil.rmtree(stale, ignore_errors=True)
     return directory
 
 
 def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory (safetensors only: nothing is unpickled)."""
     directory = Path(directory)
+    recover_dir(directory)  # an adapter whose replacement a kill interrupted is whole again
     if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{directory} is not an adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:

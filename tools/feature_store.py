@@ -224,6 +224,12 @@ class FeatureStore:
                 if row_checksum(rows[row]) != checksum:
                     problems.append(f"{record_path.stem} row {row} (image {key}): checksum mismatch")
         problems += [f"source {s} names missing image {k}" for s, k in self.sources.items() if k not in self.index]
+        if len(self) < int(self.meta.get("count", 0)):
+            problems.append(f"meta.json counts {self.meta['count']} images but the index reaches {len(self)}: "
+                            "shard records are missing")
+        indexed = {p.stem for p in (self.path / STORE_SHARDS).glob("*.json")}
+        problems += [f"{f.stem}: rows on disk without an index record" for f in (self.path / STORE_SHARDS).glob("*.f16")
+                     if f.stem not in indexed]
         return problems
 
 

@@ -1,6 +1,8 @@
 """Adapters: every projector kind saves and reloads exactly; a mismatch is refused naming both sides."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -51,3 +53,23 @@ def test_sizes_in_a_config_are_checked_against_the_weights_before_anything_is_al
     (out / ADAPTER_CONFIG).write_text(json.dumps(hostile))
     with pytest.raises(AdapterError, match="are not a linear projector 1000000000 → 1000000000"):
         load_adapter(out)
+
+
+def test_a_kill_at_any_instruction_of_replacing_an_adapter_is_recovered(tmp_path):
+    from align.files import replace_dir
+
+    projector = build_projector("linear", 24, 32)
+    target = save_adapter(tmp_path / "adapter", config("linear"), projector.state_dict())
+    old = tmp_path / ".adapter.old"
+    # Killed after the old version moved aside, before the new one arrived: the old one comes back.
+    os.replace(target, old)
+    assert load_adapter(target)[0].step == config("linear").step and not old.exists()
+    # Killed after the new one arrived, before the old one was removed: the next write (or read) tidies up.
+    shutil.copytree(target, old)
+    save_adapter(target, config("linear"), projector.state_dict())
+    assert not old.exists()
+    staging = tmp_path / "new"
+    shutil.copytree(target, staging)
+    shutil.copytree(target, old)
+    replace_dir(staging, target)
+    assert target.is_dir() and not old.exists() and not staging.exists()

@@ -82,6 +82,12 @@ def prepare_workspace(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise DemoError(f"{out} is not empty and not a demo workspace; pass --out with a new folder")
+        from align.backbones.registry import user_entries
+
+        for name, spec in user_entries().items():
+            if spec.model_path and Path(spec.model_path).resolve().is_relative_to(out):
+                raise DemoError(f"backbone '{name}' was added from {spec.model_path}, inside this demo workspace, "
+                                "which a new demo would clear; pass --out with a new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `align demo`; a later demo may clear this folder\n")

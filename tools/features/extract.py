@@ -5,7 +5,9 @@ Resumable (finished images are never encoded again), safe to kill at any moment,
 """
 
 import os
+import shutil
 import time
+from contextlib import ExitStack
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from align.tools.feature_store import REJECTS, FeatureStore, image_key
 from align.backbones.vision.preprocessing import Preprocessing, views
 from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from align.tools.manifest import image_refs, read_manifest, resolve_image
-from align.tools.rejects import RejectLog
+from align.files import FolderLock
+from align.tools.rejects import RejectLog, rejects_path
 from align.tools.runtime import local_device, progress_columns, start_ranks
 
 
@@ -120,6 +123,39 @@ def extract_features(
     row_shape = (1 + n_views, *encoder.row_shape)
     info = {"preprocessing": encoder.preprocessing.as_dict(), "encoder_source": encoder.source, "compute_dtype": dtype}
     fingerprint = encoder.fingerprint(dtype)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExtractError(f"--out {out} is a file, not a store folder")
+    with ExitStack() as held:
+        new_folder = ranks.decide(lambda: _claim_store(out, held))
+        try:
+            return _extract_into(out, ranks, encoder, where, dtype, fingerprint, row_shape, info, manifests, image_root,
+                                 batch_size, n_views, workers, convert_modes, max_pixels, shard_images, progress,
+                                 started)
+        except ExtractError:
+            if ranks.main and new_folder:
+                _remove_empty_store(out)
+            raise
+
+
+def _claim_store(out: Path, held: ExitStack) -> bool:
+    """Lock the store folder for the job (a second extraction into it is refused); True when this job creates it."""
+    new_folder = not out.exists()
+    held.enter_context(FolderLock(out, "--out store"))
+    return new_folder
+
+
+def _remove_empty_store(out: Path) -> None:
+    """A store this job created and could fill with nothing is removed; its rejects move beside it."""
+    if FeatureStore.open(out).physical_rows:
+        return
+    if (out / REJECTS).is_file():
+        os.replace(out / REJECTS, rejects_path(out))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _extract_into(out, ranks, encoder, where, dtype, fingerprint, row_shape, info, manifests, image_root, batch_size,
+                  n_views, workers, convert_modes, max_pixels, shard_images, progress, started) -> "ExtractSummary":
     if ranks.rank == 0:
         FeatureStore.create(out, fingerprint, row_shape, info)
     ranks.barrier()
@@ -158,7 +194,8 @@ def extract_features(
     if not paths:
         raise ExtractError("the manifests name no images; nothing to extract")
     if summary.extracted == 0 and summary.already_in_store == 0 and summary.duplicates == 0:
-        raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see {Path(out) / REJECTS}")
+        raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see "
+                           f"{rejects_path(out) if len(store) == 0 else out / REJECTS}")
     return summary
 
 

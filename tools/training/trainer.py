@@ -35,7 +35,7 @@ from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
 from align.errors import AlignError
-from align.files import read_json_object, write_atomic
+from align.files import FolderLock, read_json_object, write_atomic
 from align.templates import IGNORE_INDEX
 from align.tools.feature_store import FeatureStore, ShardRows
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
@@ -574,7 +574,8 @@ def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> 
 
 
 def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
-          show_progress: bool = True, allow_recipe_change: bool = False, last_in_process: bool = False) -> TrainOutcome:
+          show_progress: bool = True, allow_recipe_change: bool = False, last_in_process: bool = False,
+          overwrite: bool = False) -> TrainOutcome:
     """Run every stage of a recipe in order; `last_in_process` ends the process group afterwards, also on errors
     (DeepSpeed keeps its groups for the life of the process, so a process that trains again keeps it)."""
     recipe = load_recipe(recipe_path, list(overrides))
@@ -582,10 +583,33 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
         recipe.runtime.output_dir = output.resolve()
     ranks = start_ranks(always=True, deepspeed=True)
     try:
-        return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
+        with ExitStack() as held:
+            # Rank 0 holds the output folder for the whole job and decides whether it may be written into.
+            ranks.decide(lambda: claim_output(recipe, held, resume, overwrite))
+            return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
     finally:
         if last_in_process and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def claim_output(recipe: Recipe, held: ExitStack, resume: bool, overwrite: bool) -> None:
+    """Lock the output folder; refuse one that holds a run unless resuming it or told to overwrite it (then the
+    recipe's stage folders, metrics and recipe copy go; render caches stay, they are reusable)."""
+    output = recipe.runtime.output_dir
+    if output.exists() and not output.is_dir():
+        raise AlignError(f"output {output} is a file, not a folder")
+    held.enter_context(FolderLock(output, "--output folder"))
+    found = [p for p in (output / RECIPE_JSON, *(output / s.name for s in recipe.stages)) if p.exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise AlignError(f"{output} holds a run ({found[0].name}); pass --resume to continue it or --overwrite to "
+                         "start over")
+    for path in (*(output / s.name for s in recipe.stages), output / METRICS, output / RECIPE_JSON):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:

@@ -189,6 +189,26 @@ def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "align", "features", "verify", tmp_path / "store"], capture_output=True, text=True)
     assert bad.returncode == 2 and "checksum mismatch" in bad.stdout and bad.stderr.startswith("error: ")
 
+    # A deleted index record loses its rows: verify says so (meta.json's count, and the orphaned rows).
+    next((tmp_path / "store" / SHARDS).glob("*.json")).unlink()
+    lost = subprocess.run([sys.executable, "-m", "align", "features", "verify", tmp_path / "store"], capture_output=True, text=True)
+    assert lost.returncode == 2 and "the index reaches" in lost.stdout and "without an index record" in lost.stdout
+
+
+def test_a_second_extraction_into_a_busy_store_is_refused_and_a_failed_one_leaves_no_store(tiny_blip2, folder, tmp_path):
+    from align.files import FolderLock
+
+    manifest, _ = folder
+    with FolderLock(tmp_path / "store", "store"):
+        busy = subprocess.run([sys.executable, "-m", "align", "features", "extract", "--manifest", manifest, "--encoder",
+                               tiny_blip2[1], "--out", tmp_path / "store"], capture_output=True, text=True)
+    assert busy.returncode == 2 and "is in use by another align job (pid" in busy.stderr
+    broken = write_manifest(tmp_path / "broken.jsonl", [{"image": "missing.png", "caption": "x"}])
+    failed = subprocess.run([sys.executable, "-m", "align", "features", "extract", "--manifest", broken, "--encoder",
+                             tiny_blip2[1], "--out", tmp_path / "new"], capture_output=True, text=True)
+    assert failed.returncode == 2 and "nothing could be extracted" in failed.stderr
+    assert not (tmp_path / "new").exists() and (tmp_path / "new.rejects.jsonl").is_file()
+
 
 def test_cli_errors_are_one_line(tiny_blip2, tmp_path):
     good_image(tmp_path / "a.png")
