@@ -366,10 +366,10 @@ class RenderCache:
         """Samples of each manifest, in recipe order."""
         return self.meta["samples_per_source"]
 
-    def lengths(self, ids: np.ndarray) -> np.ndarray:
-        """Token counts of samples `ids` (with the epoch's prompt prefix not counted)."""
-        offsets = self.arrays["token_offsets"]
-        return offsets[ids + 1] - offsets[ids]
+    def where(self, sample: int) -> str:
+        """`manifest:line` of a sample, for rejects."""
+        a = self.arrays
+        return f"{self.meta['settings']['manifests'][int(a['source'][sample])]}:{int(a['line'][sample])}"
 
     def samples(self, ids: np.ndarray, epoch: int) -> list[CachedSample]:
         """Samples `ids` as rendered for `epoch` (a prompted record gets that epoch's prompt)."""

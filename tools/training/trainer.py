@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from align.errors import AlignError
 from align.files import FolderLock, read_json_object, write_atomic
 from align.templates import IGNORE_INDEX
 from align.tools.feature_store import FeatureStore, ShardRows
+from align.tools.rejects import RejectLog
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 from align.tools.training import train_state
 from align.tools.training.data_order import DataOrder
@@ -123,6 +124,7 @@ class StageData:
     rows: ShardRows
     pad_id: int
     template: str
+    rejects: RejectLog | None = None  # rank 0's: samples found broken while training
 
     @property
     def steps_per_epoch(self) -> int:
@@ -140,6 +142,7 @@ class StepTotals:
     real_tokens: int = 0
     padded_tokens: int = 0
     stop: int = 0
+    muted: int = 0  # samples of the global batch whose features were not finite (the same on every rank)
 
     def reduce(self, ranks: Ranks) -> "StepTotals":
         """The totals over every rank."""
@@ -158,6 +161,7 @@ class Stats:
     applied: int = 0
     skipped: list[int] = field(default_factory=list)
     last_loss: float | None = None
+    muted: int = 0  # samples that learnt nothing because their features were not finite
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -187,7 +191,8 @@ def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
                       run.recipe.runtime.seed, stage.steps_per_epoch)
     rows = ShardRows(run.recipe.features, cache.meta["store_shards"], run.row_shape)
     tokenizer = backbone_tokenizer(run.spec, Path(settings.model))
-    return StageData(cache, order, rows, tokenizer.pad_id, cache.meta["template"])
+    rejects = RejectLog(stage_dir / REJECTS) if run.main else None
+    return StageData(cache, order, rows, tokenizer.pad_id, cache.meta["template"], rejects)
 
 
 # -- engine --------------------------------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
     run.ranks.barrier()
     if run.main:
         train_state.commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
-                                    "skipped": stats.skipped, "last_loss": stats.last_loss})
+                                    "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
     run.ranks.barrier()
     train_state.prune(checkpoints, run.recipe.runtime.keep_checkpoints, run.ranks.rank, run.main)
 
@@ -326,7 +331,7 @@ def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]
         engine.optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     train_state.set_rng_state(state["rng"])
-    return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"])
+    return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
 
 
 def _newest_commit(checkpoints: Path) -> tuple[int, dict] | None:
@@ -353,21 +358,41 @@ def micro_batch_loss(model: VisionLLM, inputs: dict[str, torch.Tensor]) -> tuple
     return loss, supervised_count(inputs["labels"])
 
 
+def mute_broken_features(run: Run, data: StageData, samples: list, ids: np.ndarray, view: int, size: int) -> int:
+    """Samples whose store rows hold NaN or infinity (a damaged store, a writer that produced NaN) are kept in
+    their place, so every rank's micro-batches stay in step, but learn nothing and see zeros; each rank checks
+    the rows it reads, all ranks learn which, rank 0 logs them as rejects. Returns how many were muted."""
+    broken = torch.zeros(len(samples), dtype=torch.float64)
+    for start in range(size * run.ranks.rank, len(samples), size * run.ranks.world):
+        for i in range(start, min(start + size, len(samples))):
+            broken[i] = float(any(not np.isfinite(data.rows.get(r)[view]).all() for r in samples[i].rows))
+    if run.ranks.world > 1:
+        torch.distributed.all_reduce(broken)
+    for i in broken.nonzero().flatten().tolist():
+        sample = samples[i]
+        samples[i] = replace(sample, labels=[IGNORE_INDEX] * len(sample.labels), rows=[-1] * len(sample.rows))
+        if data.rejects is not None:
+            data.rejects.add(data.cache.where(int(ids[i])), "non-finite features in the feature store")
+    return int(broken.count_nonzero())
+
+
 def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
                step: int) -> tuple[StepTotals, float | None]:
     """One optimizer step: this rank's micro-batches of global batch `step`, normalised as the recipe says; with
     the gradient norm read from `.grad` before the update (where DeepSpeed reports none)."""
     ids = data.order.sample_ids(epoch, step)
     samples = data.cache.samples(ids, epoch)
-    samples.sort(key=lambda s: len(s.input_ids))  # micro-batches of similar lengths pad little
-    global_tokens = sum(int(np.count_nonzero(np.asarray(s.labels[1:]) != IGNORE_INDEX)) for s in samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))  # micro-batches pad little
+    samples, ids = [samples[i] for i in order], ids[order]
     size = stage.micro_batch_size
-    micro = [samples[i:i + size] for i in range(0, len(samples), size)]
     views = run.row_shape[0]
     # View 0 is the plain image; training views (if extracted) rotate, one per epoch.
     view = 1 + epoch % (views - 1) if views > 1 else 0
+    muted = mute_broken_features(run, data, samples, ids, view, size)
+    global_tokens = sum(int(np.count_nonzero(np.asarray(s.labels[1:]) != IGNORE_INDEX)) for s in samples)
+    micro = [samples[i:i + size] for i in range(0, len(samples), size)]
     amp = TORCH_DTYPES[run.recipe.runtime.precision] if run.recipe.runtime.precision != "fp32" else None
-    totals, own_norm = StepTotals(), None
+    totals, own_norm = StepTotals(muted=muted if run.main else 0), None  # counted once in the sum over ranks
     mine = micro[run.ranks.rank::run.ranks.world]
     for k, batch in enumerate(mine):
         inputs = {k: v.to(run.device) for k, v in collate(batch, data.rows, view, data.pad_id).items()}
@@ -415,11 +440,12 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
             loss = (totals.loss_sum / max(1, totals.supervised) if stage.loss == "token"
                     else totals.loss_sum / max(1, totals.micro_batches))
             stats.last_loss = loss
+            stats.muted += totals.muted
             norm = engine.get_global_grad_norm()
             record = {
                 "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": loss, "lr": lr,
                 "grad_norm": _float(norm) if norm is not None else own_norm, "skipped": not applied,
-                "supervised_tokens": totals.supervised,
+                "supervised_tokens": totals.supervised, "muted_samples": totals.muted,
                 "samples_per_second": stage.global_batch_size / seconds,
                 "tokens_per_second": totals.real_tokens / seconds,
                 "padding_efficiency": totals.real_tokens / max(1, totals.padded_tokens),
@@ -460,6 +486,8 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
     with ExitStack() as files:
         metrics = files.enter_context((runtime.output_dir / METRICS).open("a")) if run.main else None
+        if data.rejects is not None:
+            files.callback(data.rejects.close)
         run_steps(run, stage, data, engine, scheduler, start, total, stats, show_progress, metrics)
     finish_stage(run, stage, data, engine, total, stats, show_progress)
     return adapter_dir
@@ -478,7 +506,7 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
     summary = {"stage": stage.name, "steps": total, "applied_steps": stats.applied, "skipped_steps": stats.skipped,
                "samples": len(data.cache), "truncated": meta["truncated"], "rejected": meta["rejected"],
                "rejects_by_reason": meta["rejects_by_reason"], "prompts_per_epoch": meta["prompts_per_epoch"],
-               "final_loss": stats.last_loss, "frozen_parameters": share}
+               "muted_samples": stats.muted, "final_loss": stats.last_loss, "frozen_parameters": share}
     write_atomic(stage_dir / STAGE_DONE, json.dumps(summary, indent=1))
     if show_progress:
         print(f"{stage.name}: {total} steps on {len(data.cache)} samples ({meta['truncated']} truncated, "

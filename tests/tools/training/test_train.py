@@ -269,3 +269,44 @@ def test_no_weight_decay_on_biases_and_norms_and_no_dropout_in_the_frozen_llm(wo
     ids = torch.arange(10).unsqueeze(0)
     torch.testing.assert_close(llm(ids).logits, llm(ids).logits)  # train mode is deterministic: no dropout left
     assert llm.config.attention_dropout == 0.0
+
+
+def test_an_output_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(workspace):
+    from align.files import FolderLock
+
+    sets = workspace["sets"] + ["stages.caption.epochs=1", "stages.chat.epochs=1"]
+    train(workspace["recipe"], overrides=sets, show_progress=False)
+    with pytest.raises(AlignError, match=r"holds a run \(recipe.json\); pass --resume to continue it or --overwrite"):
+        train(workspace["recipe"], overrides=sets, show_progress=False)
+    again = train(workspace["recipe"], overrides=sets, show_progress=False, overwrite=True)
+    assert all(a.is_dir() for a in again.adapters)
+    with FolderLock(workspace["run"], "folder"):
+        with pytest.raises(AlignError, match="is in use by another align job"):
+            train(workspace["recipe"], overrides=sets, show_progress=False, resume=True)
+    (workspace["run"].parent / "file").write_text("")
+    with pytest.raises(AlignError, match="is a file, not a folder"):
+        train(workspace["recipe"], output=workspace["run"].parent / "file", overrides=sets, show_progress=False)
+
+
+def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tmp_path):
+    import numpy as np
+
+    from align.tools.feature_store import FeatureStore
+
+    features = tmp_path / "features"
+    shutil.copytree(workspace["features"], features)
+    store = FeatureStore.open(features)
+    location = store.index[store.find(Path(workspace["manifest"]).parent / "3.png")]
+    shard = features / "shards" / f"{location.shard}.f16"
+    rows = np.fromfile(shard, dtype=np.float16).reshape(-1, *store.row_shape)
+    rows[location.row, :, 0, 0] = np.nan  # every view, after the checksums were written: only training can notice
+    rows.tofile(shard)
+    sets = [s for s in workspace["sets"] if not s.startswith("features=")] + [f"features={features}"]
+    outcome = train(workspace["recipe"], overrides=sets + ["stages.caption.epochs=2", "stages.chat.epochs=1"],
+                    show_progress=False)
+    assert all(torch.isfinite(t).all() for a in outcome.adapters for t in adapter_weights(a).values())
+    done = json.loads((workspace["run"] / "caption" / "stage_done.json").read_text())
+    assert done["muted_samples"] == 2  # the record of 3.png, once per epoch
+    rejects = (workspace["run"] / "caption" / "rejects.jsonl").read_text()
+    assert "non-finite features in the feature store" in rejects and "captions.jsonl:4" in rejects
+    assert all(m["loss"] == m["loss"] for m in metrics(workspace["run"]))  # never NaN
