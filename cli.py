@@ -59,6 +59,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _first_rank() -> bool:
+    """Whether this process prints a job's summary: alone, or rank 0 under a launcher (one summary per job)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True)] = None,
@@ -197,7 +202,7 @@ def features_extract(
     image_root: Annotated[Optional[Path], typer.Option(help="Resolve relative image paths here, not beside the manifest.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: none for a few batches, else one per spare core, at most 8).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
-    convert_modes: Annotated[bool, typer.Option(help="Convert CMYK/palette/grayscale/alpha images to RGB instead of rejecting them.")] = False,
+    strict_modes: Annotated[bool, typer.Option(help="Reject CMYK/palette/grayscale/alpha images instead of converting them to RGB (alpha on white).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Reject images with more pixels (decompression-bomb guard).")] = 89_478_485,
     shard_images: Annotated[int, typer.Option(min=1, help="Images per shard file: work lost to a kill is at most this.")] = 256,
     as_json: JsonFlag = False,
@@ -211,8 +216,10 @@ def features_extract(
         raise AlignError(f"--dtype must be fp16, bf16 or fp32, not {dtype!r}")
     summary = extract_features(
         manifest, encoder, out, batch_size=batch_size, n_views=views, image_root=image_root, workers=workers,
-        dtype=dtype, convert_modes=convert_modes, max_pixels=max_pixels, shard_images=shard_images, progress=not as_json,
+        dtype=dtype, strict_modes=strict_modes, max_pixels=max_pixels, shard_images=shard_images, progress=not as_json,
     )
+    if not _first_rank():
+        return
     if as_json:
         _print_json(summary.as_dict())
         return
@@ -355,7 +362,7 @@ def train(
                        last_in_process=True, overwrite=overwrite).adapters
     except KeyboardInterrupt:
         raise AlignError("interrupted: a checkpoint was saved; run again with --resume to continue") from None
-    for adapter in adapters:
+    for adapter in adapters if _first_rank() else ():
         console.print(f"adapter: {escape(str(adapter))}", highlight=False)
 
 
@@ -531,15 +538,33 @@ def _plain_metavars(command) -> None:
         _plain_metavars(sub)
 
 
+try:  # typer vendors click (0.2x); older typers use click itself
+    from typer._click import exceptions as usage_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as usage_errors
+
+
 def main() -> None:
     """Entry point of the `align` console script."""
     command = typer.main.get_command(app)
     _plain_metavars(command)
     try:
-        command(prog_name="align")
+        code = command.main(prog_name="align", standalone_mode=False)
+    except usage_errors.NoArgsIsHelpError:  # `align` alone: typer has shown the help
+        sys.exit(2)
+    except usage_errors.UsageError as exc:
+        # One line, as every other error: the problem and where the help is (no boxed panel).
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        print(f"error: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except AlignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -126,6 +126,8 @@ def conversation_from_record(record: Mapping) -> Conversation:
         system = turns.pop(0)[1]
     validate_turns(turns)
 
+    if "caption" in record and not images:
+        raise ConversationError("no image: a caption record needs 'image'")
     markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
     if images and markers == 0:
         # A record with an image and no marker gets it at the start of the first user turn.

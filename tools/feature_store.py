@@ -21,6 +21,7 @@ import numpy as np
 from align.constants import REJECTS, STORE_META, STORE_SHARDS
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
+from align.tools.images import BadImage, image_bytes
 
 FORMAT, FORMAT_VERSION = "align-feature-store", 1
 DTYPE = np.float16
@@ -46,6 +47,16 @@ class Location:
 
     shard: str
     row: int
+
+
+def read_shard_record(path: Path) -> dict:
+    """A shard's commit record (keys, checksums, sources), checked: a damaged one is a one-line StoreError."""
+    record = read_json_object(path, StoreError)
+    keys, checksums, sources = record.get("keys"), record.get("checksums"), record.get("sources")
+    if (not isinstance(keys, list) or not isinstance(checksums, list) or len(keys) != len(checksums)
+            or not isinstance(sources, dict) or not all(isinstance(k, str) for k in keys)):
+        raise StoreError(f"{path} is a damaged shard record (it needs keys, checksums of the same length, sources)")
+    return record
 
 
 class FeatureStore:
@@ -80,6 +91,12 @@ class FeatureStore:
         meta = read_json_object(path / STORE_META, StoreError)
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path} is not an {FORMAT} v{FORMAT_VERSION} store")
+        shape = meta.get("row_shape")
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            raise StoreError(f"{path / STORE_META}: row_shape must be three positive integers, not {shape!r}")
+        if not isinstance(meta.get("encoder_fingerprint"), str):
+            raise StoreError(f"{path / STORE_META}: no encoder_fingerprint")
         return meta
 
     @classmethod
@@ -114,7 +131,7 @@ class FeatureStore:
     def _load_commits(self) -> None:
         # Sorted shard names make the first writer of a duplicated key win, in every process and every run.
         for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
-            self._apply(record_path.stem, json.loads(record_path.read_text()))
+            self._apply(record_path.stem, read_shard_record(record_path))
 
     def _apply(self, shard: str, record: dict) -> None:
         """Add one shard's commit record to the in-memory index (the first row of a key wins)."""
@@ -155,8 +172,11 @@ class FeatureStore:
     def find(self, path: Path) -> str | None:
         """The key of an image file in this store: as extracted under this path, else by its bytes; None if absent."""
         key = self.key_for_source(str(path))
-        if key is None and path.is_file():
-            key = image_key(path.read_bytes())  # extracted under another path: the bytes decide
+        if key is None:
+            try:
+                key = image_key(image_bytes(path))  # extracted under another path: the bytes decide
+            except BadImage:
+                return None
         return key if key in self else None
 
     # -- writing ----------------------------------------------------------------------------------------------------
@@ -209,7 +229,7 @@ class FeatureStore:
         """Every problem found: unreadable shards, rows failing their checksum, sources naming unknown keys."""
         problems = []
         for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
-            record = json.loads(record_path.read_text())
+            record = read_shard_record(record_path)
             if not record["keys"]:
                 continue
             try:

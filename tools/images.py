@@ -2,6 +2,8 @@
 the pipelines that take images."""
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -17,6 +19,30 @@ ImageInput = Union[str, Path, Image.Image]
 
 class BadImage(Exception):
     """An image that is skipped; the message is the reason written to rejects.jsonl."""
+
+
+# No image format this toolkit reads needs more file bytes than this; a larger file is refused before it is read.
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
+def image_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, or BadImage: missing, not a regular file (a FIFO would block, a folder is not an
+    image), a symlink loop, unreadable, or larger than `max_bytes` (refused before reading it whole)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except OSError as exc:  # ELOOP for a symlink loop, EACCES, …
+        raise BadImage(f"unreadable file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not a regular file" + (" (a folder)" if stat.S_ISDIR(info.st_mode) else ""))
+    max_bytes = max_bytes or MAX_IMAGE_BYTES
+    if info.st_size > max_bytes:
+        raise BadImage(f"file too large for an image: {info.st_size} bytes (limit {max_bytes})")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImage(f"unreadable file: {exc.strerror or exc}") from None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_modes: bool = False) -> Image.Image:
@@ -47,7 +73,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_mode
     if image.mode == "RGB":
         return image
     if not convert_modes:
-        raise BadImage(f"colour mode {image.mode} is not RGB (pass --convert-modes to convert it)")
+        raise BadImage(f"colour mode {image.mode} is not RGB (--strict-modes)")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -61,10 +87,6 @@ def read_image(image: ImageInput) -> Image.Image:
         return image.convert("RGB")
     path = Path(image).expanduser()
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AlignError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    try:
-        return decode_image(data, convert_modes=True)
+        return decode_image(image_bytes(path), convert_modes=True)
     except BadImage as exc:
         raise AlignError(f"cannot read image {path}: {exc}") from None

@@ -29,6 +29,8 @@ def read_manifest(path: Path, rejects: RejectLog | None, *, start: int = 0, end:
     """Every JSON object of a manifest (or of its lines from byte `start`, numbered from `first_line`, to byte
     `end`); malformed lines and non-objects go to `rejects` (if given) and are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise AlignError(f"manifest {path} is a directory, not a JSON Lines file")
     if not path.is_file():
         raise AlignError(f"manifest {path} does not exist")
     with path.open("rb") as lines:

@@ -127,7 +127,13 @@ def compile_no_deepspeed_ops() -> None:
 def local_device(device: str | torch.device | None = None) -> torch.device:
     """`device` when given, else this rank's GPU (LOCAL_RANK), else the CPU."""
     if device is not None:
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise AlignError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise AlignError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        return chosen
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return torch.device("cpu")

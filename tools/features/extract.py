@@ -20,7 +20,7 @@ from align.errors import AlignError
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import REJECTS, FeatureStore, image_key
 from align.backbones.vision.preprocessing import Preprocessing, views
-from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image_bytes
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.files import FolderLock
 from align.tools.rejects import RejectLog, rejects_path
@@ -66,11 +66,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         source = self.paths[index]
         try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            return {"source": source, "reject": "missing file"}
-        except OSError as exc:
-            return {"source": source, "reject": f"unreadable file: {exc.strerror or exc}"}
+            data = image_bytes(Path(source))
+        except BadImage as exc:
+            return {"source": source, "reject": str(exc)}
         key = image_key(data)
         try:
             image = decode_image(data, self.max_pixels, self.convert_modes)
@@ -109,7 +107,7 @@ def extract_features(
     workers: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    convert_modes: bool = False,
+    strict_modes: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shard_images: int = 256,
     progress: bool = True,
@@ -122,7 +120,9 @@ def extract_features(
     encoder = load_encoder(encoder_path).to(where, dtype)
     row_shape = (1 + n_views, *encoder.row_shape)
     info = {"preprocessing": encoder.preprocessing.as_dict(), "encoder_source": encoder.source, "compute_dtype": dtype}
-    fingerprint = encoder.fingerprint(dtype)
+    convert_modes = not strict_modes
+    # The choice changes which images a store holds: stores made either way are never mixed.
+    fingerprint = encoder.fingerprint(dtype) + ("+strict-modes" if strict_modes else "")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExtractError(f"--out {out} is a file, not a store folder")

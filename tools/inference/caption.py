@@ -9,6 +9,7 @@ from rich.progress import Progress
 
 from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
+from align.files import write_atomic
 from align.templates import conversation_from_record
 from align.tools.inference.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
@@ -54,14 +55,18 @@ def _finished_lines(out: Path) -> set[int]:
     if not out.is_file():
         return set()
     kept, done = [], set()
-    for line in out.read_text(encoding="utf-8").splitlines():
+    text = out.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             done.add(int(record["line"]))
             kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    out.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    clean = "".join(k + "\n" for k in kept)
+    if clean != text:
+        # Never rewritten in place: the clean copy is written aside and moved over, so a kill keeps every prediction.
+        write_atomic(out, clean)
     return done
 
 
@@ -75,6 +80,10 @@ def caption_manifest(
     if batch_size < 1:
         raise AlignError(f"batch size must be at least 1, not {batch_size}")
     out = Path(out)
+    if out.is_dir():
+        raise AlignError(f"--out {out} is a directory; give the predictions file to write")
+    if out.resolve() == Path(manifest).resolve():
+        raise AlignError(f"--out {out} is the input manifest; write the predictions elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _finished_lines(out)
     summary = CaptionSummary(out=str(out))

@@ -1,10 +1,12 @@
 """`align chat`: open a chat session from the command line's choices, and the interactive loop around it."""
 
+import atexit
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from align.backbones.registry import align_home
 from align.errors import AlignError
 from align.tools.inference.chat_session import ChatSession
 from align.tools.inference.generation import GenerationOptions
@@ -40,6 +42,28 @@ def open_session(
     return pipeline.chat(image=image, features=stored)
 
 
+def line_editing(history: Path) -> None:
+    """Arrow keys, editing and history (kept in `history`) for `input()`, through the readline module."""
+    try:
+        import readline
+    except ImportError:  # a Python built without readline: plain input still works
+        return
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
 def run_repl(session: ChatSession, options: GenerationOptions, read: Callable[[str], str] = input,
              out: TextIO = sys.stdout) -> None:
     """Read messages and commands until :quit or end of input; replies stream as they are generated."""
@@ -49,6 +73,8 @@ def run_repl(session: ChatSession, options: GenerationOptions, read: Callable[[s
         out.write(text)
         out.flush()
 
+    if read is input and sys.stdin.isatty():
+        line_editing(align_home() / "chat_history")
     what = "an image" if session.features is not None else "no image (use :image PATH)"
     show(f"Chatting about {what} with {session.pipeline.spec.name}. Type :help for commands.\n")
     while True:

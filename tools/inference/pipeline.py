@@ -65,10 +65,10 @@ class Pipeline:
         quantization: str = "none", trust_remote_code: bool = False,
     ) -> "Pipeline":
         """Load an adapter directory, its backbone's LLM (`model`, else the registered path) and the encoder."""
+        device = local_device(device)  # a device this machine lacks is refused before anything loads
         config, state = load_adapter(Path(adapter))
         spec = get_backbone(backbone or config.backbone)
         config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, where=str(adapter))
-        device = local_device(device)
         model = Path(model) if model else None
         tokenizer = backbone_tokenizer(spec, model)
         template = inference_template(config, spec, tokenizer, model, str(adapter))

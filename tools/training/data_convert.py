@@ -1,6 +1,7 @@
 """`align data convert`: public data set layouts → align manifests (JSON Lines, UTF-8, Chinese kept as is)."""
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,29 @@ MINIGPT4_PLACEHOLDER = "<Img><ImageHere></Img>"
 Converted = Iterator[tuple[str, dict | str]]
 
 
-def _load_json(path: Path):
+def _load_json(path: Path, shape: type = list):
+    """The JSON document in `path`, which must be a `shape` (list or dict): one-line errors for anything else."""
+    if path.is_dir():
+        raise AlignError(f"{path} is a directory, not a JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AlignError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise AlignError(f"cannot read {path}: JSON nested too deeply") from None
+    if not isinstance(data, shape):
+        raise AlignError(f"{path} holds a JSON {type(data).__name__}, not the {shape.__name__} this format has")
+    return data
+
+
+def _image_field(entry: dict) -> str | None:
+    """An entry's image path, or ValueError when it is there but not a non-empty string."""
+    image = entry.get("image")
+    if image is None or image == "":
+        return None
+    if not isinstance(image, str):
+        raise ValueError("'image' is not a path string")
+    return image
 
 
 def _image(path: Path, image_root: Path | None) -> str:
@@ -38,10 +57,13 @@ def _reference(image: str, manifest_dir: Path, relative: bool) -> str:
 
 def cc_sbu_align(src: Path, image_root: Path | None) -> Converted:
     """MiniGPT-4's stage-2 set: `filter_cap.json` {annotations: [{image_id, caption}]} + `image/<image_id>.jpg`."""
-    annotations = _load_json(src / "filter_cap.json").get("annotations", [])
+    annotations = _load_json(src / "filter_cap.json", dict).get("annotations", [])
+    if not isinstance(annotations, list):
+        raise AlignError(f"{src / 'filter_cap.json'}: 'annotations' is not a list")
     for i, entry in enumerate(annotations):
         where = f"{src / 'filter_cap.json'}#{i}"
-        if not isinstance(entry, dict) or not entry.get("caption") or "image_id" not in entry:
+        if (not isinstance(entry, dict) or not isinstance(entry.get("caption"), str) or not entry["caption"].strip()
+                or not isinstance(entry.get("image_id"), (str, int))):
             yield where, "entry without image_id or caption"
             continue
         yield where, {"image": _image(src / "image" / f"{entry['image_id']}.jpg", image_root), "caption": entry["caption"]}
@@ -68,8 +90,13 @@ def minigpt4qwen(src: Path, image_root: Path | None) -> Converted:
             turns += [{"from": "human", "value": ask.replace(MINIGPT4_PLACEHOLDER, "<image>")},
                       {"from": "gpt", "value": answer}]
         record = {"conversations": turns}
-        if entry.get("image"):
-            record = {"image": _image(src.parent / entry["image"], image_root), **record}
+        try:
+            image = _image_field(entry)
+        except ValueError as exc:
+            yield where, str(exc)
+            continue
+        if image:
+            record = {"image": _image(src.parent / image, image_root), **record}
         yield where, record
 
 
@@ -82,8 +109,13 @@ def llava(src: Path, image_root: Path | None) -> Converted:
             yield where, "entry without a conversations list"
             continue
         record = {"conversations": entry["conversations"]}
-        if entry.get("image"):
-            record = {"image": _image(base / entry["image"], image_root), **record}
+        try:
+            image = _image_field(entry)
+        except ValueError as exc:
+            yield where, str(exc)
+            continue
+        if image:
+            record = {"image": _image(base / image, image_root), **record}
         if entry.get("system"):
             record["system"] = entry["system"]
         yield where, record
@@ -95,7 +127,11 @@ def caption_folder(src: Path, image_root: Path | None) -> Converted:
         text, meta = image.with_suffix(".txt"), image.with_suffix(".json")
         caption = None
         if text.is_file():
-            caption = text.read_text(encoding="utf-8", errors="replace").strip()
+            try:
+                caption = text.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                yield str(image), "caption file is not UTF-8"
+                continue
         elif meta.is_file():
             try:
                 caption = read_json_object(meta).get("caption")
@@ -131,17 +167,35 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
         raise UnknownNameError("data format", fmt, CONVERTERS)
     if not src.exists():
         raise AlignError(f"{src} does not exist")
+    if out.is_dir():
+        raise AlignError(f"--out {out} is a directory; give the manifest file to write")
+    if out.resolve() == src.resolve() or rejects_path(out).resolve() == src.resolve():
+        raise AlignError(f"--out {out} is the input; write the manifest elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rejects = RejectLog(rejects_path(out))
-    written = 0
-    with jsonlines.open(out, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
-        for where, result in CONVERTERS[fmt](src, image_root):
-            if isinstance(result, str):
-                rejects.add(where, result)
-            else:
-                if isinstance(result.get("image"), str):
-                    result["image"] = _reference(result["image"], out.parent.resolve(), image_root is not None)
-                writer.write(result)
-                written += 1
-    rejects.close()
-    return ConvertSummary(written, rejects.total, str(out), str(rejects.path))
+    # Both files are written aside and moved into place only when the conversion finished: a failed or killed run
+    # never leaves an empty or partial manifest, nor replaces a previous one.
+    partial = out.with_name(f".{out.name}.partial")
+    partial_rejects = rejects_path(partial)
+    partial_rejects.unlink(missing_ok=True)
+    rejects, written = RejectLog(partial_rejects), 0
+    try:
+        with jsonlines.open(partial, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
+            for where, result in CONVERTERS[fmt](src, image_root):
+                if isinstance(result, str):
+                    rejects.add(where, result)
+                else:
+                    if isinstance(result.get("image"), str):
+                        result["image"] = _reference(result["image"], out.parent.resolve(), image_root is not None)
+                    writer.write(result)
+                    written += 1
+        rejects.close()
+        if written == 0:
+            raise AlignError(f"nothing to convert in {src}: {rejects.total} entr(ies) rejected "
+                             f"({', '.join(sorted(rejects.counts)) or 'none found'})")
+        os.replace(partial_rejects, rejects_path(out))
+        os.replace(partial, out)
+    finally:
+        rejects.close()
+        partial.unlink(missing_ok=True)
+        partial_rejects.unlink(missing_ok=True)
+    return ConvertSummary(written, rejects.total, str(out), str(rejects_path(out)))

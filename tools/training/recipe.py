@@ -146,9 +146,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, stage_names: list) -> str:
     loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc) or "recipe"
+    # A stage is named by its name where it has one (`stages.finetune.lr`), as --set accepts it.
+    named = (len(loc) > 2 and loc[0] == "stages" and isinstance(loc[1], int) and loc[1] < len(stage_names)
+             and isinstance(stage_names[loc[1]], str) and loc[2] != "name")
+    shown = (loc[0], stage_names[loc[1]], *loc[2:]) if named else loc
+    where = ".".join(str(p) for p in shown) or "recipe"
     if error["type"] == "extra_forbidden":
         owner = _model_at(Recipe, loc)
         close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields) if owner else [], n=1)
@@ -175,7 +179,11 @@ def apply_override(data: dict, assignment: str) -> None:
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {key}: '{parts[i - 1]}' is not a section")
         if last:
-            node[part] = yaml.safe_load(raw)
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                problem = str(exc).replace("\n", " ")
+                raise RecipeError(f"--set {key}: the value is not plain YAML ({problem})") from None
         else:
             node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
 
@@ -204,6 +212,8 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text (UTF-8) file; a recipe is YAML") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -213,7 +223,9 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+        names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+        problems = [_describe(e, names) for e in exc.errors()]
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
     typed = _set_keys(list(overrides), data)
     recipe_dir, cwd = path.parent.resolve(), Path.cwd()

@@ -298,23 +298,45 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
 
 
 def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]:
-    """Load the newest whole checkpoint (chosen by rank 0) into the engine; returns its step and stats."""
+    """Load the newest readable checkpoint (candidates chosen by rank 0) into the engine; returns its step and stats.
+    A damaged newest one (a full disk, a torn file) falls back to the one before, saying so."""
+    candidates = run.ranks.decide(lambda: train_state.committed_steps(checkpoints)[::-1])
+    if not candidates:
+        return 0, Stats()
+    problems = []
+    for step in candidates:
+        info = run.ranks.decide(lambda: _commit_or_none(checkpoints, step))
+        problem, state = None, None
+        if info is None:
+            problem = "its state.json is unreadable"
+        elif info["world"] != run.ranks.world:
+            raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} "
+                             f"process(es), this run has {run.ranks.world}; resume with as many")
+        else:
+            try:
+                state = train_state.load_rank_state(train_state.step_dir(checkpoints, step), run.ranks.rank)
+            except AlignError as exc:
+                problem = str(exc)
+        if run.ranks.all(problem is None):
+            if problems and run.main:
+                print(f"note: {'; '.join(problems)}; resuming from step {step}", flush=True)
+            load_state(run, engine, scheduler, state)
+            return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
+        problems.append(f"checkpoint step {step} is damaged ({problem or 'on another rank'})")
+    raise AlignError(f"{checkpoints}: no readable checkpoint ({'; '.join(problems)}); --overwrite starts over")
+
+
+def _commit_or_none(checkpoints: Path, step: int) -> dict | None:
+    try:
+        return train_state.read_commit(train_state.step_dir(checkpoints, step))
+    except AlignError:
+        return None
+
+
+def load_state(run: Run, engine, scheduler, state: dict) -> None:
+    """Put a rank's saved state into the engine (projector, DeepSpeed's optimizer), the schedule and the RNGs."""
     import deepspeed
 
-    found = run.ranks.decide(lambda: _newest_commit(checkpoints))
-    if found is None:
-        return 0, Stats()
-    step, info = found
-    if info["world"] != run.ranks.world:
-        raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} process(es), "
-                         f"this run has {run.ranks.world}; resume with as many")
-    problem = None
-    try:
-        state = train_state.load_rank_state(train_state.step_dir(checkpoints, step), run.ranks.rank)
-    except AlignError as exc:
-        problem, state = str(exc), None
-    if not run.ranks.all(problem is None):
-        raise AlignError(problem or f"{checkpoints}: another rank cannot read the checkpoint of step {step}")
     params = list(engine.module.parameters())
     gather = run.recipe.runtime.zero_stage == 3
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if gather else nullcontext():
@@ -331,14 +353,6 @@ def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]
         engine.optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     train_state.set_rng_state(state["rng"])
-    return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
-
-
-def _newest_commit(checkpoints: Path) -> tuple[int, dict] | None:
-    steps = train_state.committed_steps(checkpoints)
-    if not steps:
-        return None
-    return steps[-1], train_state.read_commit(train_state.step_dir(checkpoints, steps[-1]))
 
 
 # -- steps ---------------------------------------------------------------------------------------------------------
@@ -588,6 +602,14 @@ def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return [c for k in keys for c in recipe_changes(saved.get(k), now.get(k), f"{prefix}{k}.")]
 
 
+def _stage_named(key: str, names: list[str]) -> str:
+    """`stages.1.lr` → `stages.finetune.lr`: stages are named as --set names them."""
+    parts = key.split(".")
+    if len(parts) > 1 and parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) < len(names):
+        parts[1] = names[int(parts[1])]
+    return ".".join(parts)
+
+
 def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> None:
     """On resume, refuse a recipe that differs from the one the run started with (naming the keys)."""
     saved_path = run_dir / RECIPE_JSON
@@ -595,7 +617,8 @@ def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> 
         return
     saved = read_json_object(saved_path)
     now = json.loads(recipe.model_dump_json())
-    changed = [k for k in recipe_changes(saved, now) if k != "runtime.output_dir"]
+    names = [stage["name"] for stage in now["stages"]]
+    changed = [_stage_named(k, names) for k in recipe_changes(saved, now) if k != "runtime.output_dir"]
     if changed:
         raise AlignError(f"--resume with a changed recipe ({', '.join(changed)}); the run started with "
                          f"{saved_path}. Pass --allow-recipe-change to resume anyway")

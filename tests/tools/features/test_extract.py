@@ -47,7 +47,7 @@ def assert_same_contents(a: FeatureStore, b: FeatureStore, atol: float = 0.0):
 def test_store_rows_equal_a_direct_forward_pass(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     encoder_dir = tiny_blip2[1]
-    summary = run(manifest, encoder_dir, tmp_path / "store", n_views=2)
+    summary = run(manifest, encoder_dir, tmp_path / "store", n_views=2, strict_modes=True)
     store = FeatureStore.open(tmp_path / "store")
     encoder = load_encoder(encoder_dir)
     assert store.row_shape == (3, 4, 24) and summary.extracted == 6 == len(store)
@@ -64,7 +64,7 @@ def test_store_rows_equal_a_direct_forward_pass(tiny_blip2, folder, tmp_path):
 
 def test_every_bad_input_is_rejected_with_its_reason(tiny_blip2, folder, tmp_path):
     manifest, bad = folder
-    summary = run(manifest, tiny_blip2[1], tmp_path / "store")
+    summary = run(manifest, tiny_blip2[1], tmp_path / "store", strict_modes=True)
     rejects = [json.loads(line) for line in (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()]
     by_source = {Path(r["source"]).name: r["reason"] for r in rejects}
     for name, reason in bad.items():
@@ -80,10 +80,31 @@ def test_every_bad_input_is_rejected_with_its_reason(tiny_blip2, folder, tmp_pat
     assert summary.duplicates == 1 and len(store) == 6 and store.physical_rows == 6
 
 
-def test_converting_modes_is_opt_in(tiny_blip2, folder, tmp_path):
+def test_colour_modes_are_converted_unless_strict(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
-    summary = run(manifest, tiny_blip2[1], tmp_path / "store", convert_modes=True)
-    assert summary.extracted == 6 + 4  # CMYK, palette, grayscale and alpha now converted
+    summary = run(manifest, tiny_blip2[1], tmp_path / "store")
+    assert summary.extracted == 6 + 4  # CMYK, palette, grayscale and alpha converted, as LAVIS and chat do
+    with pytest.raises(StoreError, match="made by encoder"):  # a strict store is another store
+        run(manifest, tiny_blip2[1], tmp_path / "store", strict_modes=True)
+
+
+def test_fifos_symlink_loops_and_huge_files_are_rejected_without_reading_them(tiny_blip2, tmp_path, monkeypatch):
+    from align.tools import images
+
+    good_image(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "huge.png").write_bytes(b"\0" * 5000)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 4000)
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": n, "caption": "x"} for n in
+                                                     ("ok.png", "fifo.png", "loop.png", "huge.png", "folder")])
+    (tmp_path / "folder").mkdir()
+    summary = run(manifest, tiny_blip2[1], tmp_path / "store")
+    reasons = {json.loads(l)["source"].rsplit("/", 1)[1]: json.loads(l)["reason"]
+               for l in (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()}
+    assert summary.extracted == 1
+    assert reasons["fifo.png"] == "not a regular file" and reasons["folder"] == "not a regular file (a folder)"
+    assert reasons["loop.png"].startswith("unreadable file") and reasons["huge.png"].startswith("file too large")
 
 
 def test_nothing_extractable_is_an_error(tiny_blip2, tmp_path):
@@ -97,7 +118,7 @@ def test_rerun_encodes_nothing_again(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     run(manifest, tiny_blip2[1], tmp_path / "store")
     again = run(manifest, tiny_blip2[1], tmp_path / "store")
-    assert again.extracted == 0 and again.already_in_store == 7 and again.store_images == 6
+    assert again.extracted == 0 and again.already_in_store == 11 and again.store_images == 10
     rejects = (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == len(set(rejects))  # the same reject is not written twice
 

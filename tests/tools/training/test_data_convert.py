@@ -77,3 +77,25 @@ def test_llava_images_under_an_image_root_elsewhere_resolve_from_the_manifest(tm
     convert("llava", tmp_path / "llava.json", out, image_root=tmp_path / "images")
     [record] = records(out)
     assert resolve_image(record["image"], out, None) == (tmp_path / "images" / "x.jpg").resolve()
+
+
+def test_convert_never_writes_over_its_input_nor_leaves_a_partial_manifest(tmp_path):
+    from align.errors import AlignError
+
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps([{"image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}]))
+    with pytest.raises(AlignError, match="is the input"):
+        convert("llava", src, src)
+    assert json.loads(src.read_text())[0]["image"] == "a.jpg"  # untouched
+    with pytest.raises(AlignError, match="is a directory"):
+        convert("llava", src, tmp_path)
+    good = convert("llava", src, tmp_path / "m.jsonl")
+    assert good.written == 1
+    # A conversion that finds nothing to write fails and keeps the previous manifest as it was.
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps([{"image": "b.jpg"}]))
+    with pytest.raises(AlignError, match="nothing to convert"):
+        convert("llava", empty, tmp_path / "m.jsonl")
+    assert len(records(tmp_path / "m.jsonl")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "llava.json", "m.jsonl", "m.rejects.jsonl"]

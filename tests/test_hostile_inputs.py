@@ -1,0 +1,92 @@
+"""Every command against hostile input: exit code 2, one `error:` line, no traceback, and nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE_META = {"format": "align-feature-store", "format_version": 1, "row_shape": [1, 2, 4],
+              "encoder_fingerprint": "x", "dtype": "float16", "count": 0}
+
+
+def make_inputs(d: Path) -> None:
+    """A file where a folder is expected and the reverse, binary and hostile recipes, JSON of the wrong shape, broken
+    stores."""
+    (d / "afile").write_text("x")
+    (d / "adir").mkdir()
+    (d / "binary.yaml").write_bytes(bytes(range(256)))
+    shutil.copy(ROOT / "recipes" / "tiny.yaml", d / "tiny.yaml")
+    for name, content in {"cc_list": "[1, 2]", "cc_int": json.dumps({"annotations": 5})}.items():
+        (d / name / "image").mkdir(parents=True)
+        (d / name / "filter_cap.json").write_text(content)
+    (d / "llava_int.json").write_text("5")
+    (d / "llava_images.json").write_text(json.dumps([{"image": 5, "conversations": []}, {"image": ["a.jpg"], "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}]))
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "captions").mkdir()
+    (d / "captions" / "a.jpg").write_bytes(b"x")
+    (d / "captions" / "a.txt").write_bytes(b"\xff\xfe not UTF-8")
+    stores = {"s_list": [1], "s_no_shape": {k: v for k, v in STORE_META.items() if k != "row_shape"},
+              "s_zero": {**STORE_META, "row_shape": [1, 0, 4]}, "s_garbage": STORE_META, "s_no_checksums": STORE_META}
+    for name, meta in stores.items():
+        (d / name / "shards").mkdir(parents=True)
+        (d / name / "meta.json").write_text(json.dumps(meta))
+    (d / "s_garbage" / "shards" / "r0-000000.json").write_text("nonsense{")
+    (d / "s_no_checksums" / "shards" / "r0-000000.json").write_text(json.dumps({"keys": ["a"], "sources": {}}))
+
+
+CASES = {
+    "extract --out FILE": ["features", "extract", "--manifest", "afile", "--encoder", "adir", "--out", "afile"],
+    "export --out FILE": ["encoder", "export", "--from", "adir", "--out", "afile"],
+    "train --output FILE": ["train", "tiny.yaml", "--output", "afile"],
+    "convert --out DIR": ["data", "convert", "--format", "llava", "llava_int.json", "--out", "adir"],
+    "convert --out = input": ["data", "convert", "--format", "llava", "llava_int.json", "--out", "llava_int.json"],
+    "binary recipe (validate)": ["validate", "binary.yaml"],
+    "binary recipe (train)": ["train", "binary.yaml"],
+    "--set with a YAML tag": ["validate", "tiny.yaml", "--set", "runtime.seed=!!python/object/apply:os.system ls"],
+    "--set with broken YAML": ["validate", "tiny.yaml", "--set", "runtime.seed=[unclosed"],
+    "--set into a value": ["validate", "tiny.yaml", "--set", "runtime.seed.x=1"],
+    "chat --device cuda without a GPU": ["chat", "--adapter", "adir", "--device", "cuda"],
+    "convert: a list for an object": ["data", "convert", "--format", "cc_sbu_align", "cc_list", "--out", "o.jsonl"],
+    "convert: an int for a list": ["data", "convert", "--format", "cc_sbu_align", "cc_int", "--out", "o.jsonl"],
+    "convert: a whole int": ["data", "convert", "--format", "llava", "llava_int.json", "--out", "o.jsonl"],
+    "convert: images that are not paths": ["data", "convert", "--format", "llava", "llava_images.json", "--out", "o.jsonl"],
+    "convert: deep nesting": ["data", "convert", "--format", "llava", "deep.json", "--out", "o.jsonl"],
+    "convert: a caption not UTF-8": ["data", "convert", "--format", "caption_folder", "captions", "--out", "o.jsonl"],
+    "verify: meta.json a list": ["features", "verify", "s_list"],
+    "verify: no row_shape": ["features", "verify", "s_no_shape"],
+    "verify: a zero in row_shape": ["features", "verify", "s_zero"],
+    "verify: a garbage shard record": ["features", "verify", "s_garbage"],
+    "info: a shard record without checksums": ["features", "info", "s_no_checksums"],
+    "render: a folder as conversation": ["render", "tiny-llama", "--conversation", "adir"],
+    "caption --out DIR": ["caption", "--adapter", "adir", "--manifest", "afile", "--out", "adir"],
+    "import without --out": ["import", "minigpt4qwen", "afile"],
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hostile")
+    make_inputs(folder)
+    return folder
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_input_is_one_line_exit_2_and_writes_nothing(inputs, case, tmp_path):
+    before = listing(inputs)
+    env = {"ALIGN_HOME": str(tmp_path / "home"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "align", *CASES[case]], cwd=inputs, capture_output=True, text=True,
+                          env=env, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: ") or "Usage:" in done.stderr or "Error" in lines[0], lines
+    assert listing(inputs) == before  # nothing written, nothing removed
