@@ -1,6 +1,7 @@
 """Manifests: JSON Lines of conversation or caption records, read line by line with bad lines rejected."""
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,4 +107,5 @@ def resolve_image(ref: str, manifest: Path, image_root: Path | None) -> Path:
     path = Path(ref).expanduser()
     if path.is_absolute():
         return path
-    return ((image_root or Path(manifest).parent) / path).resolve()
+    # realpath, not Path.resolve: a symlink loop stays a path (rejected when read), never a RuntimeError here.
+    return Path(os.path.realpath((image_root or Path(manifest).parent) / path))

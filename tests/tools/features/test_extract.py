@@ -27,6 +27,14 @@ def folder(tmp_path):
     return image_folder(tmp_path / "images")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(manifest, encoder, out, **options):
     options = {"workers": 0, "progress": False, "batch_size": 4, "max_pixels": 100_000, **options}
     return extract_features([manifest], encoder, out, **options)
@@ -168,7 +176,7 @@ def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
 
     resumed = cli_extract(manifest, tiny_blip2[1], tmp_path / "resumed", "--json")
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["extracted"] == 4  # only the unfinished images
+    assert json.loads(resumed.stdout)["extracted"] == 8  # only the unfinished images (4 of them converted modes)
     full = cli_extract(manifest, tiny_blip2[1], tmp_path / "full")
     assert full.returncode == 0, full.stderr
     assert_same_contents(FeatureStore.open(tmp_path / "resumed"), FeatureStore.open(tmp_path / "full"))
@@ -183,14 +191,14 @@ def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     args = ["features", "extract", "--manifest", manifest, "--encoder", tiny_blip2[1], "--out", tmp_path / "two",
             "--batch-size", "2", "--workers", "0", "--max-pixels", "100000"]
     two = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", "29571", "-m", "align", *map(str, args)],
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "align", *map(str, args)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     writers = {p.stem.split("-")[0] for p in (tmp_path / "two" / SHARDS).glob("*.json")}
     assert writers == {"r0", "r1"}
     assert_same_contents(FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two"), atol=2e-3)
-    assert json.loads((tmp_path / "two" / "meta.json").read_text())["count"] == 6
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["count"] == 10
 
 
 def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
@@ -199,9 +207,9 @@ def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
     info = subprocess.run([sys.executable, "-m", "align", "features", "info", tmp_path / "store", "--json"],
                           capture_output=True, text=True)
     data = json.loads(info.stdout)
-    assert data["images"] == 6 and data["row_shape"] == [1, 4, 24] and data["rejects"] > 0
+    assert data["images"] == 10 and data["row_shape"] == [1, 4, 24] and data["rejects"] > 0
     ok = subprocess.run([sys.executable, "-m", "align", "features", "verify", tmp_path / "store"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "ok: 6 images" in ok.stdout
+    assert ok.returncode == 0 and "ok: 10 images" in ok.stdout
 
     shard = next((tmp_path / "store" / SHARDS).glob("*.f16"))
     data = bytearray(shard.read_bytes())
