@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import Progress
 from transformers.utils import logging as transformers_logging
 
 from align.adapters.adapter_files import AdapterConfig, save_adapter
@@ -33,7 +34,7 @@ from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
 from align.tools.inference.generation import GenerationOptions
 from align.tools.inference.pipeline import Pipeline
-from align.tools.runtime import child_environment
+from align.tools.runtime import child_environment, progress_columns
 
 BACKBONE = "demo-tiny"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
@@ -120,7 +121,7 @@ def write_data(ws: Path, seed: int) -> list[tuple[Path, Content]]:
     return held_out
 
 
-def build_models(ws: Path, seed: int, say: Callable[[str], None]) -> None:
+def build_models(ws: Path, seed: int, say: Callable[[str], None], quiet: bool = False) -> None:
     """The encoder, the tokenizer and the LLM, taught the caption language text-only, then saved (and frozen)."""
     build_demo_encoder(ws / "encoder", seed)
     spec = get_backbone(BACKBONE)
@@ -128,7 +129,11 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None]) -> None:
     tokenizer = backbone_tokenizer(spec, ws / "llm")
     llm = build_demo_llm(spec, seed)
     started = time.perf_counter()
-    loss = pretrain_text(llm, tokenizer, spec, PRETRAIN_STEPS, seed)
+    columns = progress_columns("      text-only steps", "loss {task.fields[loss]}")
+    with Progress(*columns, disable=quiet, transient=True) as bar:
+        task = bar.add_task("pretrain", total=PRETRAIN_STEPS, loss="-")
+        loss = pretrain_text(llm, tokenizer, spec, PRETRAIN_STEPS, seed,
+                             on_step=lambda step, value: bar.update(task, completed=step, loss=f"{value:.3f}"))
     llm.save_pretrained(ws / "llm")
     say(f"      {PRETRAIN_STEPS} text-only steps in {time.perf_counter() - started:.0f} s, final loss {loss:.3f}")
 
@@ -183,10 +188,10 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
         f"{len(every_content()) * HELD_OUT_PER_CONTENT} held-out pictures of coloured shapes in {ws}")
     held_out = write_data(ws, seed)
     say("[2/5] building a tiny BLIP-2 encoder and a tiny LLM; teaching the LLM the caption language (text only)")
-    build_models(ws, seed, say)
+    build_models(ws, seed, say, quiet)
     say("[3/5] align features extract: the frozen encoder, once per picture, into a feature store")
     manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
-    extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=False, batch_size=64)
+    extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=not quiet, batch_size=64)
     recipe = ws / "recipe.yaml"
     # The copy's first line is the exact command that runs it, as every recipe's first line is.
     body = RECIPE.read_text(encoding="utf-8").split("\n", 1)[1]
