@@ -1,6 +1,7 @@
 """The rejects file: every skipped input with its reason, one JSON line each, counted for the summary."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,14 @@ def rejects_path(output: Path) -> Path:
     job that writes a folder keeps `rejects.jsonl` inside it)."""
     output = Path(output)
     return output.with_name(f"{output.stem}.{REJECTS}")
+
+
+def reason_kind(reason: str) -> str:
+    """What a reason is counted under: its text before the first ': ', with numbers as N and paths as PATH, so
+    "message 3: …" and "message 5: …", or two images' paths, count as one kind."""
+    head = reason.split(": ", 1)[0]
+    words = ["PATH" if "/" in word else re.sub(r"\d+", "N", word) for word in head.split(" ")]
+    return " ".join(words)
 
 
 class RejectLog:
@@ -36,7 +45,7 @@ class RejectLog:
 
     def add(self, source: str, reason: str, **extra) -> None:
         """Record that `source` was skipped because of `reason`."""
-        self.counts[reason.split(":")[0]] += 1
+        self.counts[reason_kind(reason)] += 1
         if (source, reason) in self._seen:
             return
         self._seen.add((source, reason))
