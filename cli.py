@@ -380,6 +380,9 @@ def validate(
     console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
     for report in reports:
         line = f"  {report.name}: {report.records} records"
+        if report.sample_rejects:
+            kinds = ", ".join(f"{n} {r}" for r, n in sorted(report.sample_rejects.items(), key=lambda i: -i[1]))
+            line += f" (first {report.sampled} checked, would reject: {kinds})"
         if report.samples is not None:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.rejects_by_reason.items(), key=lambda i: -i[1]))
             line += (f", {report.samples} samples ({report.truncated} truncated), {report.steps} steps; "
@@ -534,6 +537,15 @@ def _plain_metavars(command) -> None:
             continue
         label = param.display_type(None).strip("<>").removeprefix("list[").removesuffix("]")
         param.metavar = names.get(label, label.upper())
+    help_option = command.get_help_option
+
+    def plain_help(ctx):  # click adds --help outside `params`: a flag like the others
+        option = help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = plain_help
     for sub in getattr(command, "commands", {}).values():
         _plain_metavars(sub)
 
@@ -561,7 +573,8 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not exc.shared or _first_rank():  # an error every rank raises is printed once
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

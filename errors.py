@@ -7,6 +7,16 @@ from collections.abc import Iterable
 class AlignError(Exception):
     """Base of every error a user can fix: the message names the key or file and the fix."""
 
+    # True when every rank of a job raises this same error (a decision rank 0 took, a check of the recipe): only
+    # rank 0 prints it, so a job says it once.
+    shared = False
+
+
+class SharedError(AlignError):
+    """An error every rank of a job raises alike."""
+
+    shared = True
+
 
 class UnknownNameError(AlignError):
     """A registry lookup with a name nobody registered."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 
 from align.backbones.llm import cpu_accelerator_without_gpu
-from align.errors import AlignError
+from align.errors import AlignError, SharedError
 
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -49,7 +49,7 @@ class Ranks:
             dist.broadcast_object_list(outcome, src=0)
         kind, value = outcome[0]
         if kind == "error":
-            raise AlignError(value)
+            raise SharedError(value)
         return value
 
     def all(self, flag: bool) -> bool:

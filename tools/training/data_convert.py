@@ -34,14 +34,15 @@ def _load_json(path: Path, shape: type = list):
     return data
 
 
-def _image_field(entry: dict) -> str | None:
-    """An entry's image path, or ValueError when it is there but not a non-empty string."""
+def _with_image(record: dict, entry: dict, base: Path, image_root: Path | None) -> dict | str:
+    """`record` with the entry's image (relative to `base`) first, when it has one; a reason when its image field is
+    not a path string."""
     image = entry.get("image")
     if image is None or image == "":
-        return None
+        return record
     if not isinstance(image, str):
-        raise ValueError("'image' is not a path string")
-    return image
+        return "'image' is not a path string"
+    return {"image": _image(base / image, image_root), **record}
 
 
 def _image(path: Path, image_root: Path | None) -> str:
@@ -89,15 +90,7 @@ def minigpt4qwen(src: Path, image_root: Path | None) -> Converted:
         for ask, answer in zip(asks, answers):
             turns += [{"from": "human", "value": ask.replace(MINIGPT4_PLACEHOLDER, "<image>")},
                       {"from": "gpt", "value": answer}]
-        record = {"conversations": turns}
-        try:
-            image = _image_field(entry)
-        except ValueError as exc:
-            yield where, str(exc)
-            continue
-        if image:
-            record = {"image": _image(src.parent / image, image_root), **record}
-        yield where, record
+        yield where, _with_image({"conversations": turns}, entry, src.parent, image_root)
 
 
 def llava(src: Path, image_root: Path | None) -> Converted:
@@ -108,15 +101,8 @@ def llava(src: Path, image_root: Path | None) -> Converted:
         if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
             yield where, "entry without a conversations list"
             continue
-        record = {"conversations": entry["conversations"]}
-        try:
-            image = _image_field(entry)
-        except ValueError as exc:
-            yield where, str(exc)
-            continue
-        if image:
-            record = {"image": _image(base / image, image_root), **record}
-        if entry.get("system"):
+        record = _with_image({"conversations": entry["conversations"]}, entry, base, image_root)
+        if isinstance(record, dict) and entry.get("system"):
             record["system"] = entry["system"]
         yield where, record
 

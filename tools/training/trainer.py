@@ -34,7 +34,7 @@ from align.backbones.llm import full_shape, load_frozen_llm, remote_code_opt_in
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
-from align.errors import AlignError
+from align.errors import AlignError, SharedError
 from align.files import FolderLock, read_json_object, write_atomic
 from align.templates import IGNORE_INDEX
 from align.tools.feature_store import FeatureStore, ShardRows
@@ -666,7 +666,7 @@ def claim_output(recipe: Recipe, held: ExitStack, resume: bool, overwrite: bool)
 def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
     for stage in recipe.stages:  # before anything loads or trains: a later stage must not fail after hours
         if problem := stage.split_problem(ranks.world):
-            raise AlignError(problem)
+            raise SharedError(problem)
     device = local_device()
     random.seed(recipe.runtime.seed)
     np.random.seed(recipe.runtime.seed)

@@ -20,6 +20,36 @@ class StageReport:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     steps: int | None = None
     prompts_per_epoch: bool | None = None
+    sampled: int = 0  # records read from the start of each manifest and checked as records (no tokenizer, no store)
+    sample_rejects: dict[str, int] = field(default_factory=dict)
+
+
+SAMPLED_RECORDS = 1000
+
+
+def sample_rejects(stage: Stage) -> tuple[int, dict[str, int]]:
+    """The first records of each manifest checked as training reads them (lines, fields, images, something to
+    learn): how many were read, and what would be rejected, by kind. Cheap: no tokenizer, no store."""
+    from itertools import islice
+
+    from align.tools.manifest import read_manifest
+    from align.tools.rejects import reason_kind
+    from align.tools.training.training_data import prompted, training_conversation
+
+    class Kinds(dict):
+        def add(self, source: str, reason: str) -> None:
+            self[reason_kind(reason)] = self.get(reason_kind(reason), 0) + 1
+
+    kinds, read = Kinds(), 0
+    prompt = stage.prompts[0] if stage.prompts else None
+    for source in stage.data:
+        for item in islice(read_manifest(source.manifest, kinds), SAMPLED_RECORDS):
+            read += 1
+            try:
+                training_conversation(prompted(item.record, prompt))
+            except AlignError as exc:
+                kinds.add(item.where, str(exc))
+    return read, dict(kinds)
 
 
 def count_records(manifest: Path) -> int:
@@ -93,7 +123,10 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                      for m in missing]
         records = 0 if missing else sum(count_records(d.manifest) for d in stage.data)
         problems += stage_problems(recipe, stage, records, world_size)
-        reports.append(StageReport(stage.name, records))
+        report = StageReport(stage.name, records)
+        if not missing:
+            report.sampled, report.sample_rejects = sample_rejects(stage)
+        reports.append(report)
     if problems:
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     if render:

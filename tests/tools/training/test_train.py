@@ -325,3 +325,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workspace, mon
     for a, b in zip(full.adapters, resumed.adapters):
         wa, wb = adapter_weights(a), adapter_weights(b)
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_validate_reads_manifests_cheaply_and_names_what_would_be_rejected(workspace, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "", "caption": "x"}\nnot json\n' + Path(workspace["manifest"]).read_text())
+    manifest.write_text(manifest.read_text().replace('"image": "1', f'"image": "{Path(workspace["manifest"]).parent}/1'))
+    args = ["validate", workspace["recipe"]]
+    for s in workspace["sets"]:
+        args += ["--set", s]
+    done = run_align(*args, "--set", f"stages.caption.data.0.manifest={manifest}")
+    assert done.returncode == 0, done.stderr
+    assert "caption: 18 records (first 17 checked, would reject: 1 'image' names an empty path, 1 malformed" in done.stdout
