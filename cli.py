@@ -392,6 +392,35 @@ def validate(
         console.print(escape(line), highlight=False)
 
 
+@app.command("plan")
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    gpu_memory: Annotated[float, typer.Option(min=1, help="Memory of each GPU in GB (GiB).")] = 24.0,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the run will have (ZeRO divides by them).")] = 1,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Predict each stage's peak GPU memory from the recipe and the LLM's shape: does it fit, and the largest
+    micro-batch that does."""
+    from align.tools.training.memory_plan import plan_recipe
+
+    plans = plan_recipe(recipe, set_ or [], gpu_memory_gb=gpu_memory, gpus=gpus)
+    if as_json:
+        _print_json([p.as_dict() for p in plans])
+        return
+    table = Table("stage", "micro", "tokens", "weights", "activations", "logits", "other", "total", "fits",
+                  "largest micro")
+    for p in plans:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+        table.add_row(p.stage, str(p.micro_batch), str(p.tokens), gib(p.weights), gib(p.activations), gib(p.logits),
+                      gib(p.projector + p.overhead), gib(p.total), "yes" if p.fits else "NO",
+                      str(p.largest_micro_batch or "none"))
+    console.print(table)
+    if not all(p.fits for p in plans):
+        raise AlignError(f"does not fit {gpu_memory:g} GB per GPU: lower micro_batch_size (largest that fits shown), "
+                         "or enable runtime.gradient_checkpointing, quantization or zero_stage 3")
+
+
 AdapterArg = Annotated[Path, typer.Option("--adapter", help="Adapter directory (adapter_config.json + adapter.safetensors).")]
 ModelOpt = Annotated[Optional[Path], typer.Option(help="LLM directory (default: the backbone's added model path).")]
 EncoderOpt = Annotated[Optional[Path], typer.Option(help="BLIP-2 encoder directory (align export, HF or LAVIS).")]

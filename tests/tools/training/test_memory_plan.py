@@ -1,0 +1,61 @@
+"""`align plan`: the planner's arithmetic on hand-computed small shapes, and the shipped 24 GB recipes fit."""
+
+from pathlib import Path
+
+import pytest
+
+from align.tools.training.memory_plan import CUDA_CONTEXT, LLMShape, plan_recipe, plan_stage, shape_from_config, weight_bytes
+from align.tools.training.recipe import load_recipe
+from conftest import run_align
+
+ROOT = Path(__file__).resolve().parents[3]
+SMALL = LLMShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=10)
+
+
+def test_parameters_and_weight_bytes_by_hand():
+    # q 8×8, k and v 8×4 each, o 8×8 = 192; gate/up/down 3 × 8×16 = 384 per layer
+    assert SMALL.kv_width == 4 and SMALL.linear_per_layer == 576
+    assert SMALL.parameters == 2 * (576 + 16) + 2 * 10 * 8 + 8 == 1352
+    assert weight_bytes(SMALL, 2, "none") == 2704
+    # 8-bit: 1152 linear bytes, one fp32 scale per output row (2·(8+4+4+8... = 128 rows), 200 16-bit others
+    assert weight_bytes(SMALL, 2, "8bit") == 1152 + 4 * 128 + 2 * 200
+    # 4-bit: half a byte per linear weight, one fp32 absmax per 64 of them
+    assert weight_bytes(SMALL, 2, "4bit") == 576 + 4 * 18 + 2 * 200
+
+
+def test_a_stage_by_hand():
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["runtime.precision=bf16", "stages.caption.max_length=5"])
+    stage = recipe.stages[0]
+    plan = plan_stage(SMALL, stage, recipe, in_features=4, gpus=1, micro=2, budget=10**12)
+    per_layer = 12 * 8 + 4 * 4 + 6 * 16  # 208 bytes per token and layer
+    assert (plan.tokens, plan.weights, plan.activations, plan.logits) == (10, 2704, 10 * 2 * per_layer, 10 * 10 * 10)
+    assert plan.projector == (4 * 8 + 8) * 16
+    assert plan.overhead == CUDA_CONTEXT + int(0.1 * (plan.activations + plan.logits))
+    recipe.runtime.gradient_checkpointing = True
+    assert plan_stage(SMALL, stage, recipe, 4, 1, 2, 10**12).activations == 10 * (2 * 2 * 8 + per_layer)
+    recipe.runtime.zero_stage = 3
+    zero3 = plan_stage(SMALL, stage, recipe, 4, 2, 2, 10**12)
+    assert zero3.weights == 2704 // 2 + 2 * (576 + 16) * 2  # half the weights, two gathered layers
+    assert zero3.projector == 40 * (8 + 4)  # Adam's moments partitioned over two GPUs
+
+
+def test_shapes_from_config_json():
+    qwen1 = shape_from_config({"model_type": "qwen", "hidden_size": 4096, "num_attention_heads": 32,
+                               "intermediate_size": 22016, "num_hidden_layers": 32, "vocab_size": 151936})
+    assert qwen1.intermediate == 11008 and qwen1.kv_heads == 32  # Qwen-1 states both MLP halves together
+    qwen2 = shape_from_config({"hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
+                               "intermediate_size": 18944, "num_hidden_layers": 28, "vocab_size": 152064})
+    assert qwen2.kv_width == 512 and round(qwen2.parameters / 1e9, 2) == 7.62  # Qwen2.5-7B's published count
+
+
+@pytest.mark.parametrize("name", ["qwen-7b-chat-zh-3090.yaml", "qwen2.5-7b-instruct-zh-3090.yaml"])
+def test_the_shipped_3090_recipes_fit_24_gb(name):
+    plans = plan_recipe(ROOT / "recipes" / name, gpu_memory_gb=24)
+    assert all(p.fits and p.total < 24 * 2**30 for p in plans)
+
+
+def test_plan_command_says_what_does_not_fit():
+    ok = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml")
+    assert ok.returncode == 0 and "yes" in ok.stdout
+    tight = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml", "--gpu-memory", "12")
+    assert tight.returncode == 2 and tight.stderr.startswith("error: does not fit 12 GB per GPU")
