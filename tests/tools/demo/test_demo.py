@@ -25,6 +25,14 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
     for stage in ("caption", "chat"):
         assert (out / "runs" / stage / "adapter" / "adapter.safetensors").is_file()
     assert not (tmp_path / "home").exists()  # nothing registered outside the workspace
+    # `align bench train` runs on a demo workspace and writes every comparison (figures are never asserted).
+    bench = run_align("bench", "train", "--workspace", out, "--steps", "2", "--batch-size", "8",
+                      "--out-dir", tmp_path / "results", home=tmp_path / "home", timeout=1800)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    [written] = (tmp_path / "results").glob("train-*.json")
+    figures = json.loads(written.read_text())
+    assert {"cached_features", "align_vs_plain_loop", "padding", "store_reads", "mfu", "versions"} <= set(figures)
+    assert 0 < figures["padding"]["max_length_efficiency"] <= figures["padding"]["dynamic_efficiency"] <= 1
 
 
 def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
