@@ -172,11 +172,27 @@ def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
     then open it on every rank."""
     settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
     root = cache_root(run.recipe)
-    builds = run.main if run.shared_output else run.ranks.local_rank == 0
-    path = None
-    if builds:
-        path = build_cache(settings, root, render_workers(run.recipe), show_progress and run.main)
-    name = run.ranks.decide(lambda: path.name)
+
+    def build() -> str:
+        return build_cache(settings, root, render_workers(run.recipe), show_progress and run.main).name
+
+    if run.shared_output:
+        name = run.ranks.decide(build)  # rank 0 builds; its failure is every rank's
+    else:
+        # Each node's first process builds its own copy (the same key from the same inputs); a failure anywhere
+        # stops every rank rather than leaving the others waiting.
+        problem = None
+        if run.ranks.local_rank == 0:
+            try:
+                build()
+            except AlignError as exc:
+                problem = str(exc)
+        everyone_ok = run.ranks.all(problem is None)
+        if problem:
+            raise AlignError(problem)
+        if not everyone_ok:
+            raise SharedError("the render cache could not be built on another node")
+        name = run.ranks.decide(build)  # already built: rank 0 only reads the name
     run.ranks.barrier()
     cache = RenderCache(root / name)
     stage_dir = run.recipe.runtime.output_dir / stage.name
@@ -185,7 +201,7 @@ def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
         shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
     if len(cache) == 0:
         reasons = cache.meta["rejects_by_reason"]
-        raise AlignError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
+        raise SharedError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
                          f"(details in {stage_dir / REJECTS})")
     order = DataOrder(cache.samples_per_source, [d.ratio for d in stage.data], stage.global_batch_size,
                       run.recipe.runtime.seed, stage.steps_per_epoch)
@@ -288,8 +304,16 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
         projector = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
     state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": train_state.rng_state()}
-    train_state.save_rank_state(folder, run.ranks.rank, state)
-    run.ranks.barrier()
+    problem = None
+    try:
+        train_state.save_rank_state(folder, run.ranks.rank, state)
+    except OSError as exc:  # a full disk on one node must stop every rank, not leave the others waiting
+        problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
+    everyone_ok = run.ranks.all(problem is None)
+    if problem:
+        raise AlignError(problem)  # printed by the rank that knows why
+    if not everyone_ok:
+        raise SharedError(f"another rank could not write the checkpoint of step {step}")
     if run.main:
         train_state.commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
                                     "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
