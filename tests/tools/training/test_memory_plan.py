@@ -59,3 +59,30 @@ def test_plan_command_says_what_does_not_fit():
     assert ok.returncode == 0 and "yes" in ok.stdout
     tight = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml", "--gpu-memory", "12")
     assert tight.returncode == 2 and tight.stderr.startswith("error: does not fit 12 GB per GPU")
+
+
+def test_the_activation_model_matches_what_autograd_keeps_on_cpu():
+    """What a frozen LLaMA-style model saves for the input gradient (weights excluded: they are already counted),
+    measured with saved-tensor hooks, against the planner's activation term plus the 16-bit logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    for hidden, intermediate, layers, heads, kv_heads in ((64, 176, 2, 4, 2), (128, 352, 3, 8, 8)):
+        config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def keep(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        embeds = torch.randn(4, 64, hidden, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(inputs_embeds=embeds)
+        shape = LLMShape(layers, hidden, intermediate, heads, kv_heads, 256)
+        predicted = 4 * 64 * (layers * (12 * hidden + 4 * shape.kv_width + 6 * intermediate) + 2 * 256)
+        assert 0.85 < sum(saved.values()) / predicted < 1.15
