@@ -299,6 +299,21 @@ def bench_train(
         highlight=False)
 
 
+@bench_app.command("chat")
+def bench_chat(
+    workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its chat adapter, LLM and encoder.")] = Path("align-demo"),
+    turns: Annotated[int, typer.Option(min=2, help="Turns of the conversation.")] = 8,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+) -> None:
+    """Time to first text and tokens/s of a multi-turn chat, with the last turn's KV cache reused and without."""
+    from align.tools.bench.chat_bench import bench_chat as run
+
+    result, path = run(workspace, turns=turns, out_dir=out_dir)
+    console.print(f"first text after turn 1: {result['first_text_speedup']}x faster with the cache kept "
+                  f"({result['with_cache']['tokens_per_second']} vs {result['without_cache']['tokens_per_second']} "
+                  f"tokens/s) → {path}", highlight=False)
+
+
 @bench_app.command("load-llm")
 def bench_load_llm(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Keep the random Qwen-7B-shaped checkpoint here and reuse "

@@ -119,12 +119,41 @@ class _TextStream(BaseStreamer):
             self.shown = len(cut)
 
 
+class TurnCache:
+    """The KV cache of a conversation's last turn (its prompt and reply ids): the next turn's prompt starts with
+    them, so only what differs is run again. Reused where the ids agree; the rest is cropped away."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.kv = None
+
+    def clear(self) -> None:
+        """Forget it (a new image, a cleared conversation)."""
+        self.ids, self.kv = [], None
+
+    def reusable(self, prompt_ids: list[int]) -> object | None:
+        """The cache cropped to the longest common prefix with `prompt_ids` (at least one id left to run), or None."""
+        if self.kv is None:
+            return None
+        common = 0
+        for cached, wanted in zip(self.ids, prompt_ids):
+            if cached != wanted:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1, self.kv.get_seq_length())
+        if common == 0:
+            return None
+        self.kv.crop(-(self.kv.get_seq_length() - common))
+        return self.kv
+
+
 @torch.inference_mode()
 def generate(
     model: VisionLLM, tokenizer: TextTokenizer, prompts: list[Rendered], features: torch.Tensor, stops: Stops,
-    options: GenerationOptions, on_text: Callable[[str], None] | None = None,
+    options: GenerationOptions, on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None,
 ) -> list[str]:
-    """One reply per prompt; prompts are left-padded into one batch; `features` fill the image slots in order."""
+    """One reply per prompt; prompts are left-padded into one batch; `features` fill the image slots in order.
+    With a `cache` (one prompt, no beam search), the last turn's keys and values are reused and kept for the next."""
     if on_text is not None and (len(prompts) != 1 or options.num_beams > 1):
         raise AlignError("streaming needs one prompt and no beam search (use --beams 1)")
     device = model.llm.get_input_embeddings().weight.device
@@ -136,12 +165,19 @@ def generate(
     # LLMs often have more embedding rows than the tokenizer has ids (padded for speed); those rows are never picked.
     rows = model.llm.get_output_embeddings().weight.shape[0]
     unused = list(range(tokenizer.vocab_size, rows))
+    config = options.config(list(stops.ids), tokenizer.pad_id, unused)
+    cached = None
+    if cache is not None and len(prompts) == 1 and options.num_beams == 1:
+        config.return_dict_in_generate = True
+        cached = cache.reusable(prompts[0].input_ids)
     # input_ids go along with the embeddings so the repetition penalty also sees the prompt.
     out = model.llm.generate(
-        input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention,
-        generation_config=options.config(list(stops.ids), tokenizer.pad_id, unused),
-        stopping_criteria=criteria, streamer=streamer,
+        input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention, generation_config=config,
+        stopping_criteria=criteria, streamer=streamer, **({"past_key_values": cached} if cached is not None else {}),
     )
+    if config.return_dict_in_generate:
+        cache.kv, out = out.past_key_values, out.sequences
+        cache.ids = out[0].tolist()
     replies = []
     for row in out[:, longest:].tolist():
         ends = [i for i, token in enumerate(row) if token in stops.ids]

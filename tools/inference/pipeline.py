@@ -27,7 +27,7 @@ from align.templates import Rendered, Template, render, resolve_controls, stop_i
 from align.templates.conversation import conversation_from_turns
 from align.tools.feature_store import FeatureStore
 from align.tools.images import ImageInput, read_image
-from align.tools.inference.generation import GenerationOptions, Stops, generate
+from align.tools.inference.generation import GenerationOptions, Stops, TurnCache, generate
 from align.tools.runtime import local_device
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
@@ -121,9 +121,9 @@ class Pipeline:
             turns = turns[1:]
 
     def generate_batch(self, prompts: list[Rendered], features: torch.Tensor, options: GenerationOptions,
-                       on_text: Callable[[str], None] | None = None) -> list[str]:
+                       on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None) -> list[str]:
         """Replies to rendered prompts (left-padded into one batch); `features` fill their image slots in order."""
-        return generate(self.model, self.tokenizer, prompts, features, self.stops, options, on_text)
+        return generate(self.model, self.tokenizer, prompts, features, self.stops, options, on_text, cache)
 
     def generate(self, image: ImageInput | None, question: str, options: GenerationOptions | None = None,
                  on_text: Callable[[str], None] | None = None) -> str:

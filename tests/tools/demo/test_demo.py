@@ -33,6 +33,11 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
     figures = json.loads(written.read_text())
     assert {"cached_features", "align_vs_plain_loop", "padding", "store_reads", "mfu", "versions"} <= set(figures)
     assert 0 < figures["padding"]["max_length_efficiency"] <= figures["padding"]["dynamic_efficiency"] <= 1
+    chat = run_align("bench", "chat", "--workspace", out, "--turns", "3", "--out-dir", tmp_path / "results",
+                     home=tmp_path / "home", timeout=1800)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    [written] = (tmp_path / "results").glob("chat-*.json")
+    assert {"with_cache", "without_cache", "first_text_speedup"} <= set(json.loads(written.read_text()))
 
 
 def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):

@@ -133,6 +133,23 @@ def test_chat_session_keeps_history_and_a_new_image_starts_over(pipeline, home):
     assert session.turns == []
 
 
+def test_keeping_the_kv_cache_across_turns_changes_no_reply(pipeline, home):
+    from align.tools.inference.chat_session import ChatSession
+
+    questions = ["Describe this image.", "And the colour?", "And the shape?", "Describe this image."]
+    replies = {}
+    for keep in (False, True):
+        session = ChatSession(pipeline, keep_cache=keep)
+        session.set_image(image(home, 0))
+        replies[keep] = [session.ask(q, GREEDY) for q in questions]
+        session.clear()  # the cache goes with the conversation
+        replies[keep].append(session.ask("What is it?", GREEDY))
+        session.set_image(image(home, 1))
+        replies[keep] += [session.ask(q, GREEDY) for q in questions[:2]]
+    assert replies[True] == replies[False]
+    assert session.cache is not None and session.cache.kv is not None  # kept by default
+
+
 def test_old_exchanges_are_dropped_when_the_prompt_would_not_fit(pipeline):
     turns = [("Describe this image. " * 10, "A cat sitting on a sofa. " * 10)] * 6 + [("What now?", None)]
     prompt = pipeline.prompt(turns, with_image=True, room=64)
