@@ -7,8 +7,8 @@ Resumable (finished images are never encoded again), safe to kill at any moment,
 import os
 import shutil
 import time
-from contextlib import ExitStack
-from collections.abc import Iterable
+from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.files import FolderLock
 from align.tools.rejects import RejectLog, rejects_path
-from align.tools.runtime import local_device, progress_columns, start_ranks
+from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 
 
 class ExtractError(AlignError):
@@ -126,12 +126,58 @@ def extract_features(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExtractError(f"--out {out} is a file, not a store folder")
+    with claimed_store(out, ranks):
+        if ranks.rank == 0:
+            FeatureStore.create(out, fingerprint, row_shape, info)
+        ranks.barrier()
+        if not ranks.sees_rank0_files(Path(out)):
+            raise ExtractError(f"{out} is not shared by every node: the ranks of one extraction write one store, "
+                               "so its folder must be on a file system all nodes see")
+        store = FeatureStore.open(out, fingerprint, row_shape)
+        writer = f"r{ranks.rank}"
+        store.clean_partial_writes(writer)
+        rejects = RejectLog(Path(out) / REJECTS)
+
+        # Only rank 0 logs manifest problems: every rank reads the same manifests.
+        paths = collect_images(manifests, image_root, rejects if ranks.rank == 0 else None)
+        pending = [p for p in paths if p not in store.sources]
+        mine = pending[ranks.rank::ranks.world]
+        # Every rank takes its share of the same pending list: nobody commits before all have read the store.
+        ranks.barrier()
+        summary = ExtractSummary(store=str(out), device=str(where), dtype=dtype)
+        counts = _extract_share(
+            store, writer, encoder, where, mine, rejects, batch_size, n_views, workers, convert_modes, max_pixels,
+            shard_images, progress and ranks.rank == 0,
+        )
+        rejects.close()
+        ranks.barrier()
+        total = ranks.sum([counts["extracted"], counts["duplicates"], rejects.total])
+        summary.extracted, summary.duplicates, summary.rejected = total
+        summary.images_seen = len(paths)
+        summary.already_in_store = len(paths) - len(pending)
+        summary.reject_reasons = dict(rejects.counts) if ranks.world == 1 else {}
+        store = FeatureStore.open(out)  # every rank's shards
+        if ranks.rank == 0:
+            store.write_count()
+        summary.store_images = len(store)
+        summary.seconds = round(time.perf_counter() - started, 2)
+        summary.images_per_second = round(summary.extracted / summary.seconds, 2) if summary.seconds else 0.0
+        if not paths:
+            raise ExtractError("the manifests name no images; nothing to extract")
+        if summary.extracted == 0 and summary.already_in_store == 0 and summary.duplicates == 0:
+            raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see "
+                               f"{rejects_path(out) if len(store) == 0 else out / REJECTS}")
+        return summary
+
+
+@contextmanager
+def claimed_store(out: Path, ranks: Ranks) -> Iterator[None]:
+    """The store folder locked for the job by rank 0 (a second extraction into it is refused); a store this job
+    created is removed again if the job fails without filling it."""
     with ExitStack() as held:
         new_folder = ranks.decide(lambda: _claim_store(out, held))
         try:
-            return _extract_into(out, ranks, encoder, where, dtype, fingerprint, row_shape, info, manifests, image_root,
-                                 batch_size, n_views, workers, convert_modes, max_pixels, shard_images, progress,
-                                 started)
+            yield
         except ExtractError:
             if ranks.main and new_folder:
                 _remove_empty_store(out)
@@ -152,51 +198,6 @@ def _remove_empty_store(out: Path) -> None:
     if (out / REJECTS).is_file():
         os.replace(out / REJECTS, rejects_path(out))
     shutil.rmtree(out, ignore_errors=True)
-
-
-def _extract_into(out, ranks, encoder, where, dtype, fingerprint, row_shape, info, manifests, image_root, batch_size,
-                  n_views, workers, convert_modes, max_pixels, shard_images, progress, started) -> "ExtractSummary":
-    if ranks.rank == 0:
-        FeatureStore.create(out, fingerprint, row_shape, info)
-    ranks.barrier()
-    if not ranks.sees_rank0_files(Path(out)):
-        raise ExtractError(f"{out} is not shared by every node: the ranks of one extraction write one store, so its "
-                           "folder must be on a file system all nodes see")
-    store = FeatureStore.open(out, fingerprint, row_shape)
-    writer = f"r{ranks.rank}"
-    store.clean_partial_writes(writer)
-    rejects = RejectLog(Path(out) / REJECTS)
-
-    # Only rank 0 logs manifest problems: every rank reads the same manifests.
-    paths = collect_images(manifests, image_root, rejects if ranks.rank == 0 else None)
-    pending = [p for p in paths if p not in store.sources]
-    mine = pending[ranks.rank::ranks.world]
-    # Every rank takes its share of the same pending list: nobody commits before all have read the store.
-    ranks.barrier()
-    summary = ExtractSummary(store=str(out), device=str(where), dtype=dtype)
-    counts = _extract_share(
-        store, writer, encoder, where, mine, rejects, batch_size, n_views, workers, convert_modes, max_pixels,
-        shard_images, progress and ranks.rank == 0,
-    )
-    rejects.close()
-    ranks.barrier()
-    total = ranks.sum([counts["extracted"], counts["duplicates"], rejects.total])
-    summary.extracted, summary.duplicates, summary.rejected = total
-    summary.images_seen = len(paths)
-    summary.already_in_store = len(paths) - len(pending)
-    summary.reject_reasons = dict(rejects.counts) if ranks.world == 1 else {}
-    store = FeatureStore.open(out)  # every rank's shards
-    if ranks.rank == 0:
-        store.write_count()
-    summary.store_images = len(store)
-    summary.seconds = round(time.perf_counter() - started, 2)
-    summary.images_per_second = round(summary.extracted / summary.seconds, 2) if summary.seconds else 0.0
-    if not paths:
-        raise ExtractError("the manifests name no images; nothing to extract")
-    if summary.extracted == 0 and summary.already_in_store == 0 and summary.duplicates == 0:
-        raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see "
-                           f"{rejects_path(out) if len(store) == 0 else out / REJECTS}")
-    return summary
 
 
 def default_workers(images: int, batch_size: int) -> int:

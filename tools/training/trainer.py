@@ -264,7 +264,8 @@ def make_engine(run: Run, stage: Stage, previous: Path | None, total: int):
     }
     engine, _, _, scheduler = deepspeed.initialize(
         model=projector, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, stage) / stage.lr.init_lr),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, total, stage) / stage.lr.init_lr),
     )
     run.model.projector = engine
     run.model.check_frozen()

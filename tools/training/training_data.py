@@ -38,7 +38,8 @@ def collate(samples: list["CachedSample"], rows: ShardRows, view: int, pad_id: i
     """Pad to the longest sample in the micro-batch (right side); gather each image's features for `view`."""
     batch = pad_batch(samples, pad_id)
     # Row -1: a sample muted for broken features (it learns nothing; its slots see zeros).
-    features = [np.asarray(rows.get(row)[view], dtype=np.float32) if row >= 0 else np.zeros(rows.row_shape[1:], np.float32)
+    blank = np.zeros(rows.row_shape[1:], np.float32)
+    features = [np.asarray(rows.get(row)[view], dtype=np.float32) if row >= 0 else blank
                 for sample in samples for row in sample.rows]
     stacked = torch.from_numpy(np.stack(features)) if features else torch.zeros((0, *rows.row_shape[1:]))
     return {"input_ids": batch.input_ids, "labels": batch.labels, "attention_mask": batch.attention_mask,
