@@ -71,6 +71,11 @@ class Ranks:
             (folder / probe).unlink(missing_ok=True)
         return seen
 
+    def close(self) -> None:
+        """End the process group of a multi-process job, so no rank exits while its communication threads run."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over ranks."""
         if self.world == 1:

@@ -7,7 +7,7 @@ Resumable (finished images are never encoded again), safe to kill at any moment,
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,7 +126,8 @@ def extract_features(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExtractError(f"--out {out} is a file, not a store folder")
-    with claimed_store(out, ranks):
+    # The process group ends with the job: no rank exits while its communication threads still run.
+    with closing(ranks), claimed_store(out, ranks):
         if ranks.rank == 0:
             FeatureStore.create(out, fingerprint, row_shape, info)
         ranks.barrier()
