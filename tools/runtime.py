@@ -56,6 +56,15 @@ class Ranks:
         """True when `flag` holds on every rank."""
         return self.sum([int(bool(flag))])[0] == self.world
 
+    def fail_together(self, problem: str | None, elsewhere: str) -> None:
+        """Collective: raise on every rank when any rank had a `problem` (that rank says it, the others `elsewhere`),
+        so no rank is left waiting for one that stopped."""
+        everyone_ok = self.all(problem is None)
+        if problem:
+            raise AlignError(problem)
+        if not everyone_ok:
+            raise SharedError(elsewhere)
+
     def sees_rank0_files(self, folder: Path) -> bool:
         """Whether every rank sees the files rank 0 writes in `folder` (a folder shared by all nodes)."""
         if self.world == 1:

@@ -187,11 +187,7 @@ def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
                 build()
             except AlignError as exc:
                 problem = str(exc)
-        everyone_ok = run.ranks.all(problem is None)
-        if problem:
-            raise AlignError(problem)
-        if not everyone_ok:
-            raise SharedError("the render cache could not be built on another node")
+        run.ranks.fail_together(problem, "the render cache could not be built on another node")
         name = run.ranks.decide(build)  # already built: rank 0 only reads the name
     run.ranks.barrier()
     cache = RenderCache(root / name)
@@ -296,13 +292,8 @@ def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterC
 
 def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, stats: Stats) -> None:
     """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
-    import deepspeed
-
     folder = train_state.step_dir(checkpoints, step)
-    params = list(engine.module.parameters())
-    gather = run.recipe.runtime.zero_stage == 3
-    with deepspeed.zero.GatheredParameters(params) if gather else nullcontext():
-        projector = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    projector = projector_state(engine, run.recipe.runtime.zero_stage)  # fp32: exact for fp16/bf16 weights too
     state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": train_state.rng_state()}
     problem = None
@@ -310,11 +301,7 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
         train_state.save_rank_state(folder, run.ranks.rank, state)
     except OSError as exc:  # a full disk on one node must stop every rank, not leave the others waiting
         problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
-    everyone_ok = run.ranks.all(problem is None)
-    if problem:
-        raise AlignError(problem)  # printed by the rank that knows why
-    if not everyone_ok:
-        raise SharedError(f"another rank could not write the checkpoint of step {step}")
+    run.ranks.fail_together(problem, f"another rank could not write the checkpoint of step {step}")
     if run.main:
         train_state.commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
                                     "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
