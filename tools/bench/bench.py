@@ -55,10 +55,11 @@ def write_result(result: dict, out_dir: Path, name: str) -> tuple[dict, Path]:
     return result, path
 
 
-def full_size_encoder() -> Encoder:
-    """EVA ViT-g + Q-Former with random weights in BLIP-2's real shapes (nothing is downloaded)."""
-    config = transformers.Blip2Config()
-    return Encoder(BlipEncoder(config).eval().requires_grad_(False), config, Preprocessing(), "random", "full-size random")
+def full_size_encoder(config: transformers.Blip2Config | None = None) -> Encoder:
+    """EVA ViT-g + Q-Former with random weights in BLIP-2's real shapes (nothing is downloaded), or `config`'s."""
+    config = config or transformers.Blip2Config()
+    pre = Preprocessing(image_size=config.vision_config.image_size)
+    return Encoder(BlipEncoder(config).eval().requires_grad_(False), config, pre, "random", "full-size random")
 
 
 def _bench_images(directory: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[str]:

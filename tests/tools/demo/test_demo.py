@@ -1,19 +1,32 @@
 """`align demo`: the whole pipeline on tiny built-in models beats its untrained projector, and reports it as promised."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
 
 import pytest
 
+from align.tools.bench.bench_sizes import SIZES
 from align.tools.demo.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
 from align.tools.demo.demo_world import Content, names_correctly
 from conftest import run_align
 
 
-def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
-    out = tmp_path / "ws"
-    result = run_align("demo", "--out", out, "--json", home=tmp_path / "home", timeout=1800)  # a safety net, not a speed check
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One `align demo` run: its workspace, JSON report and the ALIGN_HOME it ran with."""
+    root = tmp_path_factory.mktemp("demo")
+    out, home = root / "ws", root / "home"
+    result = run_align("demo", "--out", out, "--json", home=home, timeout=1800)  # a safety net, not a speed check
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)  # stdout is the one JSON object and nothing else
+    return out, json.loads(result.stdout), home  # stdout is the one JSON object and nothing else
+
+
+def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
+    out, report, home = demo
     assert set(report) == {"held_out", "accuracy", "seconds", "workspace"}
     assert set(report["accuracy"]) == {"untrained", "stage1", "stage2"} and report["held_out"] == 48
     accuracy = report["accuracy"]
@@ -24,19 +37,68 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(tmp_path):
     assert json.loads((out / "features" / "meta.json").read_text())["count"] == 480
     for stage in ("caption", "chat"):
         assert (out / "runs" / stage / "adapter" / "adapter.safetensors").is_file()
-    assert not (tmp_path / "home").exists()  # nothing registered outside the workspace
-    # `align bench train` runs on a demo workspace and writes every comparison (figures are never asserted).
-    bench = run_align("bench", "train", "--workspace", out, "--steps", "2", "--batch-size", "8",
-                      "--out-dir", tmp_path / "results", home=tmp_path / "home", timeout=1800)
+    assert not home.exists()  # nothing registered outside the workspace
+
+
+@pytest.mark.parametrize("size", ["demo", "small"])
+def test_bench_train_writes_every_comparison(demo, size, tmp_path):
+    out, _, home = demo
+    bench = run_align("bench", "train", "--workspace", out, "--size", size, "--steps", "2", "--batch-size", "8",
+                      "--out-dir", tmp_path, home=home, timeout=1800)
     assert bench.returncode == 0, bench.stderr[-3000:]
-    [written] = (tmp_path / "results").glob("train-*.json")
-    figures = json.loads(written.read_text())
-    assert {"cached_features", "align_vs_plain_loop", "padding", "store_reads", "mfu", "versions"} <= set(figures)
+    [written] = tmp_path.glob(f"train-{size}-*.json")
+    figures = json.loads(written.read_text())  # figures are never asserted, only that each comparison ran
+    assert {"cached_features", "align_vs_plain_loop", "padding", "store_reads", "mfu", "minigpt4_stage2_budget",
+            "versions"} <= set(figures)
     assert 0 < figures["padding"]["max_length_efficiency"] <= figures["padding"]["dynamic_efficiency"] <= 1
-    chat = run_align("bench", "chat", "--workspace", out, "--turns", "3", "--out-dir", tmp_path / "results",
-                     home=tmp_path / "home", timeout=1800)
+    if size == "small":  # timed on the size's own LLM, registered in the derived workspace, not the user's home
+        shape = replace(SIZES["small"].llm, vocab=json.loads((out / "llm" / "config.json").read_text())["vocab_size"])
+        biases = shape.layers * (shape.hidden + 2 * shape.kv_width)  # Qwen2's q, k, v biases
+        assert figures["llm_parameters"] == shape.parameters + biases
+        assert (out / "bench-small" / "home" / "backbones" / "demo-tiny.yaml").is_file()
+    assert not home.exists()
+
+
+def test_bench_train_at_a_real_layout_derives_its_models_once(demo, tmp_path):
+    # The shape of `--size 7b` at a tiny scale: another architecture, bf16, and a BLIP-2 encoder of its own whose
+    # features are extracted into the derived workspace's store.
+    out, _, home = demo
+    script = textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        from align.tools.bench.bench_sizes import BenchSize
+        from align.tools.bench.train_bench import bench_train
+        from align.tools.training.memory_plan import LLMShape
+        encoder = dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                          image_size=32, patch_size=16),
+                       qformer_config=dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                                           encoder_hidden_size=32, vocab_size=32, max_position_embeddings=64),
+                       num_query_tokens=6)
+        shape = LLMShape(layers=2, hidden=48, intermediate=96, heads=4, kv_heads=2, vocab=500)
+        size = BenchSize("tiny-real", shape, "llama", encoder, "bf16")
+        result, path = bench_train(Path(sys.argv[1]), size=size, steps=2, batch_size=8, out_dir=Path(sys.argv[2]))
+        print(json.dumps({"result": result, "parameters": shape.parameters}))
+    """)
+    derived = out / "bench-tiny-real"
+    for attempt in range(2):
+        child = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path)], capture_output=True, text=True,
+                               env=os.environ | {"ALIGN_HOME": str(home)}, timeout=1800)
+        assert child.returncode == 0, child.stderr[-3000:]
+        reply = json.loads(child.stdout.strip().splitlines()[-1])
+        assert reply["result"]["llm_parameters"] == reply["parameters"] and reply["result"]["precision"] == "bf16"
+        assert json.loads((derived / "features" / "meta.json").read_text())["row_shape"] == [1, 6, 24]
+        assert json.loads((derived / "llm" / "config.json").read_text())["model_type"] == "llama"
+        if attempt == 0:
+            built = (derived / "llm" / "model.safetensors").stat().st_mtime_ns
+    assert (derived / "llm" / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
+    assert not home.exists()
+
+
+def test_bench_chat_times_both_ways(demo, tmp_path):
+    out, _, home = demo
+    chat = run_align("bench", "chat", "--workspace", out, "--turns", "3", "--out-dir", tmp_path, home=home, timeout=1800)
     assert chat.returncode == 0, chat.stderr[-3000:]
-    [written] = (tmp_path / "results").glob("chat-*.json")
+    [written] = tmp_path.glob("chat-*.json")
     assert {"with_cache", "without_cache", "first_text_speedup"} <= set(json.loads(written.read_text()))
 
 
