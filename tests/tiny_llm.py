@@ -1,6 +1,5 @@
 """Tiny random LLMs (LLaMA and Qwen2 architectures) saved with a tokenizer, as a model directory would be."""
 
-import json
 import shutil
 from pathlib import Path
 

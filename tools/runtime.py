@@ -94,7 +94,8 @@ class Ranks:
         return tensor.tolist()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -107,7 +108,7 @@ def start_ranks(*, always: bool = False, deepspeed: bool = False) -> Ranks:
     cpu_accelerator_without_gpu()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)

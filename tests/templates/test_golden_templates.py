@@ -262,8 +262,6 @@ def test_reference_implementations_token_for_token(llama_tokenizers, case):
 
 
 def test_shipped_minigpt4_recipe_reproduces_minigpt4_samples(llama_tokenizers):
-    import random
-
     from align.tools.training.recipe import load_recipe
     from align.tools.training.training_data import prompted
 

@@ -90,20 +90,18 @@ def derive_workspace(workspace: Path, size: BenchSize) -> Path:
     for shared in ("images", "data"):
         (staging / shared).symlink_to((workspace / shared).resolve(), target_is_directory=True)
     device = local_device()
+    recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
     _write_llm(workspace / "llm", staging / "llm", size, device)
     if size.encoder is not None:
         encoder = full_size_encoder(transformers.Blip2Config(**size.encoder))
         # Extraction checks the weights against the digest the encoder folder states.
         save_encoder(replace(encoder, weights_digest=weights_digest(encoder.module.state_dict())), staging / "encoder")
         del encoder
-        recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
         manifests = [staging / d["manifest"] for stage in recipe["stages"] for d in stage["data"]]
         extract_features(manifests, staging / "encoder", staging / "features", device=str(device), progress=False)
     else:
         for shared in ("encoder", "features"):
             (staging / shared).symlink_to((workspace / shared).resolve(), target_is_directory=True)
-    recipe_text = (workspace / "recipe.yaml").read_text()
-    recipe = yaml.safe_load(recipe_text)
     recipe["runtime"]["precision"] = size.precision
     (staging / "recipe.yaml").write_text(f"# align bench train --size {size.name}\n" + yaml.safe_dump(recipe, sort_keys=False))
     (staging / DONE).write_text(json.dumps(size.describe()))
@@ -118,9 +116,12 @@ def _write_llm(demo_llm: Path, out: Path, size: BenchSize, device: torch.device)
         return
     shape = size.llm
     if shape.vocab == 0:  # the demo tokenizer's vocabulary
-        shape = LLMShape(**{**asdict(shape), "vocab": json.loads((demo_llm / "config.json").read_text())["vocab_size"]})
-    torch.manual_seed(0)
+        shape = replace(shape, vocab=json.loads((demo_llm / "config.json").read_text())["vocab_size"])
     dtype = torch.bfloat16 if size.precision == "bf16" else torch.float32
+    needed, free = shape.parameters * dtype.itemsize, shutil.disk_usage(out.parent).free
+    if free < needed:  # checked before minutes of building: a 7B LLM is 15 GB
+        raise AlignError(f"the {size.name} LLM needs {needed / 2**30:.1f} GiB in {out.parent}; {free / 2**30:.1f} GiB free")
+    torch.manual_seed(0)
     llm = random_llm(shape, size.architecture, dtype, device)
     llm.save_pretrained(out)
     del llm

@@ -10,6 +10,7 @@ chat = pipe.chat("cat.jpg"); chat.ask("What colour is it?"); chat.ask("And its p
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from align.tools.feature_store import FeatureStore
 from align.tools.images import ImageInput, read_image
 from align.tools.inference.generation import GenerationOptions, Stops, TurnCache, generate
 from align.tools.runtime import local_device
+
+if TYPE_CHECKING:  # chat_session imports this module
+    from align.tools.inference.chat_session import ChatSession
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
 

@@ -17,6 +17,7 @@ from align.constants import STORE_SHARDS as SHARDS
 from align.tools.feature_store import FeatureStore, StoreError
 from align.backbones.vision.preprocessing import views
 from align.tools.images import decode_image
+from align.tools.runtime import free_port
 from blip2_tiny import good_image, image_folder, write_manifest
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -25,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def folder(tmp_path):
     return image_folder(tmp_path / "images")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(manifest, encoder, out, **options):

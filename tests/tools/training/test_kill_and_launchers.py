@@ -4,7 +4,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.tools.runtime import child_environment
+from align.tools.runtime import child_environment, free_port
 from conftest import tiny_recipe
 
 
@@ -42,12 +41,6 @@ def adapters(output: Path) -> list[dict[str, torch.Tensor]]:
 def metric_lines(output: Path) -> int:
     metrics = output / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace):

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from align.adapters.adapter_files import AdapterError, load_adapter
 from align.errors import AlignError
 from align.tools.training.recipe import RecipeError, load_recipe
-from align.tools.runtime import child_environment
+from align.tools.runtime import child_environment, free_port
 from align.tools.training.train_state import committed_steps
 from align.tools.training.trainer import train
 from conftest import run_align, tiny_recipe
@@ -196,11 +195,9 @@ def test_two_processes_end_with_the_same_adapter_as_one(workspace):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "built successfully" not in result.stdout + result.stderr  # CPU training compiles nothing
 
-    with socket.socket() as s:  # a free port, so that two suites on one host do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run([sys.executable], workspace["run"] / "one")
-    run([torchrun, "--nproc-per-node", "2", "--master-port", str(port)], workspace["run"] / "two")
+    # A free port, so that two suites on one host do not collide.
+    run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port())], workspace["run"] / "two")
     assert not extensions.exists() or not any(extensions.rglob("*.so"))
     for stage in ("caption", "chat"):
         one, two = (adapter_weights(workspace["run"] / n / stage / "adapter") for n in ("one", "two"))
