@@ -44,7 +44,7 @@ class BenchSize:
 
     def describe(self) -> dict:
         """What the derived workspace was built from (a changed definition rebuilds it)."""
-        return {**asdict(self), "llm": asdict(self.llm) if self.llm else None}
+        return asdict(self)
 
 
 SIZES = {

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +112,12 @@ class BenchData:
         return TORCH_DTYPES[precision] if precision != "fp32" else None
 
 
-def _prepare(workspace: Path, steps: int, batch_size: int) -> BenchData:
-    """align's run of the workspace's first stage at this batch size, built as `align train` builds it."""
+def _prepare(workspace: Path, output: Path, steps: int, batch_size: int) -> BenchData:
+    """align's run of the workspace's first stage at this batch size, built as `align train` builds it (its files
+    under `output`)."""
     stage_name = yaml.safe_load((workspace / "recipe.yaml").read_text())["stages"][0]["name"]
     recipe = load_recipe(workspace / "recipe.yaml", [
-        f"runtime.output_dir={tempfile.mkdtemp()}", f"runtime.render_cache={workspace / 'render-cache'}",
+        f"runtime.output_dir={output}", f"runtime.render_cache={workspace / 'render-cache'}",
         f"stages.{stage_name}.global_batch_size={batch_size}", f"stages.{stage_name}.micro_batch_size={batch_size}"])
     stage = recipe.stages[0]
     run = Run(recipe, start_ranks(always=True, deepspeed=True), local_device(), get_backbone(recipe.backbone.name),
@@ -167,7 +168,7 @@ def _time_steps(bench: BenchData) -> dict:
 
     batches, max_length = bench.batches, bench.stage.max_length
     seconds = median_seconds({
-        "align": lambda n: train_step(bench.run, bench.stage, data, bench.engine, 0, n),
+        "align": lambda n: train_step(bench.run, bench.stage, data, bench.engine, 0, n % data.steps_per_epoch),
         "cached": lambda n: step(batches[n], cached_features(batches[n])),
         "in_loop": lambda n: step(batches[n], encoded_features(batches[n])),
         "padded": lambda n: step(batches[n], cached_features(batches[n]), max_length),
@@ -198,12 +199,13 @@ def _store_reads(bench: BenchData) -> dict:
 
 
 def _measure(workspace: Path, steps: int, batch_size: int) -> dict:
-    bench = _prepare(workspace, steps, batch_size)
-    try:
+    with tempfile.TemporaryDirectory() as output, ExitStack() as cleanup:
+        # The process group ends with the bench, so the process never exits while gloo's threads run.
+        cleanup.callback(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+        bench = _prepare(workspace, Path(output), steps, batch_size)
+        if bench.data.rejects is not None:
+            cleanup.callback(bench.data.rejects.close)
         plain = _time_steps(bench)
-    finally:  # the process group ends with the bench, so the process never exits while gloo's threads run
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     align_step = plain["align"]
     cached, in_loop, padded = plain["cached"], plain["in_loop"], plain["padded"]
     lengths = [len(s.input_ids) for b in bench.batches for s in b]
