@@ -23,6 +23,7 @@ from align.backbones.vision.blip2 import save_encoder, weights_digest
 from align.errors import AlignError
 from align.files import recover_dir, replace_dir
 from align.tools.bench.bench import full_size_encoder
+from align.tools.feature_store import FeatureStore
 from align.tools.features.extract import extract_features
 from align.tools.runtime import local_device
 from align.tools.training.memory_plan import PRESET_SHAPES, LLMShape
@@ -99,6 +100,10 @@ def derive_workspace(workspace: Path, size: BenchSize) -> Path:
         del encoder
         manifests = [staging / d["manifest"] for stage in recipe["stages"] for d in stage["data"]]
         extract_features(manifests, staging / "encoder", staging / "features", device=str(device), progress=False)
+        # Each sample keeps its whole text beside the encoder's number of image slots (32 at BLIP-2's real size).
+        slots = [FeatureStore.read_meta(base / "features")["row_shape"][1] for base in (workspace, staging)]
+        for stage in recipe["stages"]:
+            stage["max_length"] += slots[1] - slots[0]
     else:
         for shared in ("encoder", "features"):
             (staging / shared).symlink_to((workspace / shared).resolve(), target_is_directory=True)

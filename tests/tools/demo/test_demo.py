@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 
 from align.tools.demo.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
 from align.tools.demo.demo_world import Content, names_correctly
@@ -89,6 +90,9 @@ def test_bench_train_at_a_real_layout_derives_its_models_once(demo, tmp_path):
     derived = out / "bench-tiny-real"
     assert json.loads((derived / "features" / "meta.json").read_text())["row_shape"] == [1, 6, 24]
     assert json.loads((derived / "llm" / "config.json").read_text())["model_type"] == "llama"
+    lengths = [[stage["max_length"] for stage in yaml.safe_load((base / "recipe.yaml").read_text())["stages"]]
+               for base in (out, derived)]
+    assert lengths[1] == [n + 6 - 8 for n in lengths[0]]  # room for its 6 image slots instead of the demo's 8
     assert reply["reused"] and reply["rebuilt"] and not home.exists()
 
 
