@@ -280,7 +280,7 @@ def bench_features(
 @bench_app.command("train")
 def bench_train(
     workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its encoder, LLM, store and captions.")] = Path("align-demo"),
-    size: Annotated[str, typer.Option(help="Models to time: demo (the workspace's own), small (a 25M-parameter LLM, "
+    size: Annotated[str, typer.Option(help="Models to time: demo (the workspace's own), small (a 26M-parameter LLM, "
                                       "for CPUs), 7b / llama-7b (Qwen-7B / LLaMA-7B shapes in bf16 and BLIP-2's full "
                                       "encoder, random weights, for a GPU); built once under WORKSPACE/bench-SIZE.")] = "demo",
     steps: Annotated[int, typer.Option(min=2, help="Timed steps per comparison.")] = 20,
@@ -291,7 +291,8 @@ def bench_train(
     max-length padding, store reads, and model FLOPs utilisation."""
     from align.tools.bench.train_bench import bench_train as run
 
-    result, path = run(workspace, size=size, steps=steps, batch_size=batch_size, out_dir=out_dir)
+    result, path = run(workspace, size=size, steps=steps, batch_size=batch_size, out_dir=out_dir,
+                       say=lambda text: console.print(escape(text), highlight=False))
     cached, overhead, padding = result["cached_features"], result["align_vs_plain_loop"], result["padding"]
     console.print(
         f"cached features {cached['speedup_measured']}x faster than the encoder in the loop here "

@@ -9,7 +9,7 @@ It is built once under `WORKSPACE/bench-SIZE/` (whole or not at all) and reused 
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -77,8 +77,9 @@ def random_llm(shape: LLMShape, architecture: str, dtype: torch.dtype, device: t
         return model_class._from_config(config, dtype=dtype).eval()
 
 
-def derive_workspace(workspace: Path, size: BenchSize) -> Path:
-    """The workspace of `size` derived from the demo workspace (itself for `demo`), built now unless already whole."""
+def derive_workspace(workspace: Path, size: BenchSize, say: Callable[[str], None] = lambda _: None) -> Path:
+    """The workspace of `size` derived from the demo workspace (itself for `demo`), built now unless already whole
+    (saying what it builds: at real sizes that takes minutes)."""
     if size.llm is None and size.encoder is None:
         return workspace
     target = workspace / f"bench-{size.name}"
@@ -92,8 +93,11 @@ def derive_workspace(workspace: Path, size: BenchSize) -> Path:
         (staging / shared).symlink_to((workspace / shared).resolve(), target_is_directory=True)
     device = local_device()
     recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
+    if size.llm is not None:
+        say(f"building {target}: a random {size.name} LLM")
     _write_llm(workspace / "llm", staging / "llm", size, device)
     if size.encoder is not None:
+        say(f"building {target}: a random BLIP-2 encoder and its features of the demo's images")
         encoder = full_size_encoder(transformers.Blip2Config(**size.encoder))
         # Extraction checks the weights against the digest the encoder folder states.
         save_encoder(replace(encoder, weights_digest=weights_digest(encoder.module.state_dict())), staging / "encoder")

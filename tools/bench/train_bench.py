@@ -72,14 +72,15 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
 
 
 def bench_train(workspace: Path, *, size: str | BenchSize = "demo", steps: int = 20, batch_size: int = 16,
-                out_dir: Path = RESULTS_DIR) -> tuple[dict, Path]:
+                out_dir: Path = RESULTS_DIR, say: Callable[[str], None] = lambda _: None) -> tuple[dict, Path]:
     """Every comparison on an `align demo` workspace at `size` (a name in SIZES, or a BenchSize); the JSON result
-    and where it was written."""
+    and where it was written. `say` hears what is being done while it takes long."""
     workspace = Path(workspace)
     if not (workspace / "recipe.yaml").is_file() or not (workspace / "features").is_dir():
         raise AlignError(f"{workspace} is not an `align demo` workspace (run `align demo --out {workspace}` first)")
     chosen = get_size(size) if isinstance(size, str) else size
-    derived = derive_workspace(workspace, chosen)
+    derived = derive_workspace(workspace, chosen, say)
+    say(f"timing {steps} rounds of align's step and three plain loops on the {chosen.name} models")
     with registered(derived):
         result = _measure(derived, steps, batch_size)
     result = {"bench": "train", "size": chosen.describe(), "workspace": str(workspace),
