@@ -451,8 +451,8 @@ def plan(
         return
     table = Table("stage", "micro", "tokens", "weights", "activations", "logits", "other", "total", "fits",
                   "largest micro")
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     for p in plans:
-        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
         table.add_row(p.stage, str(p.micro_batch), str(p.tokens), gib(p.weights), gib(p.activations), gib(p.logits),
                       gib(p.projector + p.overhead), gib(p.total), "yes" if p.fits else "NO",
                       str(p.largest_micro_batch or "none"))

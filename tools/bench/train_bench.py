@@ -27,7 +27,6 @@ import yaml
 from align.adapters.batch import pad_batch
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import get_backbone
 from align.backbones.vision import default_compute_dtype, load_encoder
 from align.backbones.vision.preprocessing import eval_view
@@ -40,7 +39,8 @@ from align.tools.feature_store import DTYPE, FeatureStore
 from align.tools.images import read_image
 from align.tools.runtime import local_device, start_ranks
 from align.tools.training.recipe import Stage, load_recipe
-from align.tools.training.trainer import Run, StageData, load_run_llm, make_engine, stage_data, train_step
+from align.tools.training.trainer import (Run, StageData, autocast_dtype, load_run_llm, make_engine, stage_data,
+                                          train_step)
 
 EVA_VIT_G_FLOPS = 0.53e12  # one 224² image through EVA ViT-g + Q-Former, forward
 REAL_LLM_PARAMETERS = 6.7e9  # a 7B LLM
@@ -109,8 +109,7 @@ class BenchData:
     @property
     def autocast(self) -> torch.dtype | None:
         """As the trainer computes: under autocast to the recipe's precision unless fp32."""
-        precision = self.run.recipe.runtime.precision
-        return TORCH_DTYPES[precision] if precision != "fp32" else None
+        return autocast_dtype(self.run.recipe.runtime.precision)
 
 
 def _prepare(workspace: Path, output: Path, steps: int, batch_size: int) -> BenchData:

@@ -128,7 +128,7 @@ class StagePlan:
 
     def as_dict(self) -> dict:
         """JSON view, in GiB."""
-        return {**{k: v for k, v in asdict(self).items()},
+        return {**asdict(self),
                 **{f"{k}_gib": round(getattr(self, k) / GIB, 2)
                    for k in ("weights", "activations", "logits", "projector", "overhead", "total")}}
 

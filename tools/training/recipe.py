@@ -1,6 +1,7 @@
 """Recipe files: strict YAML schemas, every problem reported at once, misspelt keys answered with the closest one."""
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -146,12 +147,19 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def stage_by_name(parts: Sequence, stage_names: Sequence) -> tuple:
+    """The parts of a key with a stage's index replaced by its name (`stages.1.lr` → `stages.finetune.lr`), as
+    --set names stages; the index may be an int or its digits. Unchanged where the stage has no name."""
+    index = str(parts[1]) if len(parts) > 1 and parts[0] == "stages" else ""
+    if index.isdigit() and int(index) < len(stage_names) and isinstance(stage_names[int(index)], str):
+        return (parts[0], stage_names[int(index)], *parts[2:])
+    return tuple(parts)
+
+
 def _describe(error: dict, stage_names: list) -> str:
     loc = tuple(error["loc"])
-    # A stage is named by its name where it has one (`stages.finetune.lr`), as --set accepts it.
-    named = (len(loc) > 2 and loc[0] == "stages" and isinstance(loc[1], int) and loc[1] < len(stage_names)
-             and isinstance(stage_names[loc[1]], str) and loc[2] != "name")
-    shown = (loc[0], stage_names[loc[1]], *loc[2:]) if named else loc
+    # A problem with a stage's name itself keeps the index: the name is what is wrong.
+    shown = stage_by_name(loc, stage_names) if len(loc) > 2 and loc[2] != "name" else loc
     where = ".".join(str(p) for p in shown) or "recipe"
     if error["type"] == "extra_forbidden":
         owner = _model_at(Recipe, loc)

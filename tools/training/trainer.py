@@ -42,7 +42,7 @@ from align.tools.rejects import RejectLog
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 from align.tools.training import train_state
 from align.tools.training.data_order import DataOrder
-from align.tools.training.recipe import Recipe, Stage, load_recipe
+from align.tools.training.recipe import Recipe, Stage, load_recipe, stage_by_name
 from align.tools.training.render_cache import RenderCache, build_cache, cache_root, render_workers, settings_for
 from align.tools.training.training_data import collate
 
@@ -402,6 +402,11 @@ def mute_broken_features(run: Run, data: StageData, samples: list, ids: np.ndarr
     return int(broken.count_nonzero())
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the LLM computes in under autocast for a recipe's precision (None: fp32, no autocast)."""
+    return TORCH_DTYPES[precision] if precision != "fp32" else None
+
+
 def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
                step: int) -> tuple[StepTotals, float | None]:
     """One optimizer step: this rank's micro-batches of global batch `step`, normalised as the recipe says; with
@@ -417,7 +422,7 @@ def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
     muted = mute_broken_features(run, data, samples, ids, view, size)
     global_tokens = sum(int(np.count_nonzero(np.asarray(s.labels[1:]) != IGNORE_INDEX)) for s in samples)
     micro = [samples[i:i + size] for i in range(0, len(samples), size)]
-    amp = TORCH_DTYPES[run.recipe.runtime.precision] if run.recipe.runtime.precision != "fp32" else None
+    amp = autocast_dtype(run.recipe.runtime.precision)
     totals, own_norm = StepTotals(muted=muted if run.main else 0), None  # counted once in the sum over ranks
     mine = micro[run.ranks.rank::run.ranks.world]
     for k, batch in enumerate(mine):
@@ -614,14 +619,6 @@ def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return [c for k in keys for c in recipe_changes(saved.get(k), now.get(k), f"{prefix}{k}.")]
 
 
-def _stage_named(key: str, names: list[str]) -> str:
-    """`stages.1.lr` → `stages.finetune.lr`: stages are named as --set names them."""
-    parts = key.split(".")
-    if len(parts) > 1 and parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) < len(names):
-        parts[1] = names[int(parts[1])]
-    return ".".join(parts)
-
-
 def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> None:
     """On resume, refuse a recipe that differs from the one the run started with (naming the keys)."""
     saved_path = run_dir / RECIPE_JSON
@@ -630,7 +627,8 @@ def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> 
     saved = read_json_object(saved_path)
     now = json.loads(recipe.model_dump_json())
     names = [stage["name"] for stage in now["stages"]]
-    changed = [_stage_named(k, names) for k in recipe_changes(saved, now) if k != "runtime.output_dir"]
+    changed = [".".join(stage_by_name(k.split("."), names)) for k in recipe_changes(saved, now)
+               if k != "runtime.output_dir"]
     if changed:
         raise AlignError(f"--resume with a changed recipe ({', '.join(changed)}); the run started with "
                          f"{saved_path}. Pass --allow-recipe-change to resume anyway")

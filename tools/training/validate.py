@@ -2,6 +2,7 @@
 stage's render cache built (or found) and its rejects counted by reason."""
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +37,9 @@ def sample_rejects(stage: Stage) -> tuple[int, dict[str, int]]:
     from align.tools.rejects import reason_kind
     from align.tools.training.training_data import prompted, training_conversation
 
-    class Kinds(dict):
+    class Kinds(Counter):  # counts what a RejectLog would, writing nothing
         def add(self, source: str, reason: str) -> None:
-            self[reason_kind(reason)] = self.get(reason_kind(reason), 0) + 1
+            self[reason_kind(reason)] += 1
 
     kinds, read = Kinds(), 0
     prompt = stage.prompts[0] if stage.prompts else None
