@@ -15,6 +15,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import ExitStack, nullcontext
@@ -649,8 +650,19 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
             ranks.decide(lambda: claim_output(recipe, held, resume, overwrite))
             return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
     finally:
+        restore_torch_linear()
         if last_in_process and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def restore_torch_linear() -> None:
+    """Put torch's own `torch.nn.functional.linear` back. Loading under ZeRO-3 (deepspeed.zero.Init) replaces it with
+    DeepSpeed's memory-efficient linear for the rest of the process ("persists unless manually reset"); a run keeps
+    it while it trains and leaves the process as it found it."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(zero, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 def claim_output(recipe: Recipe, held: ExitStack, resume: bool, overwrite: bool) -> None:
