@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from transformers.utils import logging as hf_logging
 
 from align.backbones import model_dir
-from align.backbones.dtypes import TORCH_DTYPES
+from align.backbones.dtypes import TORCH_DTYPES, dtype_name
 from align.backbones.native import layout_for
 from align.backbones.spec import BackboneSpec
 from align.errors import BackboneError
@@ -101,7 +101,7 @@ def model_directory(model: Path | str) -> Path:
 def load_llm(
     model: Path | str,
     *,
-    dtype: str = "fp32",
+    dtype: str | torch.dtype = "fp32",
     quantization: str = "none",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
@@ -111,8 +111,7 @@ def load_llm(
     Official Qwen-1 and Baichuan checkpoints load into native classes; any other directory through transformers'
     Auto classes. Weights stream shard by shard into `dtype` (fp32, fp16, bf16) or 8/4-bit quantization.
     """
-    if dtype not in TORCH_DTYPES:
-        raise BackboneError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
+    dtype = dtype_name(dtype)
     path = model_directory(model)
     cpu_accelerator_without_gpu()
     quiet_loading(quantization)
@@ -135,10 +134,32 @@ def load_llm(
         raise BackboneError(f"cannot load the LLM from {path}: {exc}") from None
     if layout is not None and layout.norm_head(config):
         normalise_output_rows(llm)
+    if quantization == "4bit":
+        unpacked_where_unpackable(llm)
     if quant is None and device is not None:
         llm.to(device)
     llm.requires_grad_(False)
     return llm.eval()
+
+
+# bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first forward; the packing needs whole
+# 32-row groups and whole quantization blocks per row, and crashes otherwise (a reshape to [N, 0]).
+_CPU_PACK_ROWS = 32
+
+
+def unpacked_where_unpackable(llm: PreTrainedModel) -> int:
+    """Keep 4-bit layers whose shape bitsandbytes' CPU packing cannot take on its plain kernel; returns how many."""
+    import bitsandbytes as bnb
+
+    kept = 0
+    for module in llm.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            rows, width = state.shape[0], state.shape[-1]
+            if rows % _CPU_PACK_ROWS or width % state.blocksize or width < state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                kept += 1
+    return kept
 
 
 @torch.no_grad()
@@ -190,7 +211,7 @@ def load_frozen_llm(
     without_dropout(llm)
     if gradient_checkpointing:
         # Checkpointing only acts in train mode, which would switch dropout on: there is none left.
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         llm.train()
     return llm
 

@@ -24,7 +24,7 @@ class BaichuanAlibiConfig(PretrainedConfig):
     """Sizes of a Baichuan ALiBi model; `model_max_length` is the trained context (also `max_position_embeddings`)."""
 
     model_type = "align_baichuan_alibi"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     def __init__(
         self,
@@ -98,12 +98,12 @@ class BaichuanAlibiAttention(nn.Module):
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, past_key_values: Cache | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         batch, length, width = hidden.shape
         qkv = self.W_pack(hidden).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv[0], qkv[1], qkv[2]
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -118,8 +118,8 @@ class BaichuanAlibiDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, past_key_values: Cache | None = None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), bias, past_key_values)
+    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), bias, cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -154,7 +154,7 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -166,18 +166,18 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         use_cache = use_cache and not self.training  # a frozen LLM in train mode only checkpoints; it never decodes
         if not use_cache:
-            past_key_values = None
-        elif past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
         batch, length = inputs_embeds.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, device=inputs_embeds.device, dtype=torch.long)
         bias = alibi_bias(self.slopes, attention_mask[:, -(past + length):], past, length, inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.layers:
-            hidden = layer(hidden, bias, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+            hidden = layer(hidden, bias, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
 
 
 class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
@@ -205,21 +205,21 @@ class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                          inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
 # A converted directory (`align convert-backbone`) names this model type; Auto classes then load it natively.

@@ -59,8 +59,12 @@ def _cases() -> dict[str, Case]:
         "qwen1-bin": qwen(qwen1_state(300), qwen1_config(300), "bin", 1),
         "qwen1-old-naming-sharded-bin": qwen(qwen1_state(300), qwen1_config(300, naming="old"), "bin", 2),
         "qwen1-sharded-safetensors": qwen(qwen1_state(300), qwen1_config(300), "safetensors", 3),
+        # wide enough (64) for whole 4-bit quantization blocks per row, as real models are
+        "qwen1-8-heads": qwen(qwen1_state(300, heads=8), qwen1_config(300, heads=8), "safetensors", 1),
     }
-    cases = {name: Case(**{**case.__dict__, "reference": partial(qwen1_reference, eps=case.config["layer_norm_epsilon"])})
+    cases = {name: Case(**{**case.__dict__, "reference": partial(
+                 qwen1_reference, heads=case.config.get("num_attention_heads") or case.config["n_head"],
+                 eps=case.config["layer_norm_epsilon"])})
              for name, case in cases.items()}
     for name, vocab, heads, alibi, fmt, shards in [
         ("baichuan-7b", 300, 4, False, "bin", 1),
@@ -155,7 +159,7 @@ def test_convert_backbone_cli_converts_once_and_add_backbone_takes_the_result(tm
     assert "Traceback" not in again.stderr and not (tmp_path / "twice").exists()
 
 
-@pytest.mark.parametrize("name,quantization", [("baichuan2-13b-5-heads", "8bit"), ("qwen1-bin", "4bit")])
+@pytest.mark.parametrize("name,quantization", [("baichuan2-13b-5-heads", "8bit"), ("qwen1-8-heads", "4bit")])
 def test_quantized_loading_keeps_the_output_rows(checkpoints, name, quantization, caplog):
     import bitsandbytes as bnb
 
@@ -176,6 +180,29 @@ def test_quantized_loading_keeps_the_output_rows(checkpoints, name, quantization
     assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) <= 1  # not once per matmul
 
 
+def test_4bit_layers_too_narrow_for_the_cpu_packing_run_on_the_plain_kernel(checkpoints):
+    # Rows 32 wide hold half a 64-weight quantization block: bitsandbytes' AVX512-BF16 CPU packing crashed on them
+    # ("shape '[32, 0]' is invalid"); align keeps such layers on the plain 4-bit kernel.
+    import bitsandbytes as bnb
+
+    case = CASES["qwen1-bin"]
+    llm = load_llm(checkpoints["qwen1-bin"], quantization="4bit")
+    layers = [m for m in llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    ids = _ids(case, 6, seed=3)
+    logits = llm(input_ids=ids[None]).logits[0].float()
+    expected = case.reference(case.state, case.state[case.table][ids])
+    assert torch.isfinite(logits).all()
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), expected.flatten(), dim=0) > 0.8
+
+
+def test_torch_dtypes_are_taken_as_transformers_takes_them(checkpoints):
+    llm = load_llm(checkpoints["qwen1-bin"], dtype=torch.bfloat16)
+    assert llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(BackboneError, match="dtype must be one of fp32, fp16, bf16"):
+        load_llm(checkpoints["qwen1-bin"], dtype=torch.int8)
+
+
 @pytest.mark.parametrize("name", ["qwen1-bin", "baichuan2-13b-5-heads"])
 def test_a_training_step_reaches_only_the_projector(checkpoints, name):
     llm = load_llm(checkpoints[name])
@@ -190,7 +217,7 @@ def test_a_training_step_reaches_only_the_projector(checkpoints, name):
     features = torch.randn(2, 4, 24)
     attention = torch.ones(2, 12, dtype=torch.long)
     eval_loss = model(ids, attention, image_mask, features, labels).loss
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     llm.train()
     loss = model(ids, attention, image_mask, features, labels).loss
     loss.backward()

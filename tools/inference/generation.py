@@ -131,17 +131,20 @@ class TurnCache:
         """Forget it (a new image, a cleared conversation)."""
         self.ids, self.kv = [], None
 
-    def reusable(self, prompt_ids: list[int]) -> object | None:
-        """The cache cropped to the longest common prefix with `prompt_ids` (at least one id left to run), or None."""
+    def reusable(self, prompt: Rendered) -> object | None:
+        """The cache cropped to the longest common prefix with the prompt's ids (at least one id left to run), or
+        None. Nothing is reused when an image slot lies past that prefix: generate() embeds the uncached tail from
+        ids, where image slots hold placeholder ids, so the image would be lost."""
         if self.kv is None:
             return None
+        prompt_ids = prompt.input_ids
         common = 0
         for cached, wanted in zip(self.ids, prompt_ids):
             if cached != wanted:
                 break
             common += 1
         common = min(common, len(prompt_ids) - 1, self.kv.get_seq_length())
-        if common == 0:
+        if common == 0 or any(start + length > common for start, length in prompt.images):
             return None
         self.kv.crop(-(self.kv.get_seq_length() - common))
         return self.kv
@@ -169,15 +172,18 @@ def generate(
     cached = None
     if cache is not None and len(prompts) == 1 and options.num_beams == 1:
         config.return_dict_in_generate = True
-        cached = cache.reusable(prompts[0].input_ids)
-    # input_ids go along with the embeddings so the repetition penalty also sees the prompt.
+        cached = cache.reusable(prompts[0])
+    # input_ids go along with the embeddings so the repetition penalty also sees the prompt's text. Image slots and
+    # padding hold placeholder ids (the pad id, a stop id for some backbones): they become an id past the logits,
+    # which the penalty ignores, and are never embedded (the cache is not reused past an image slot).
+    penalised_ids = input_ids.masked_fill(batch.image_mask | (attention == 0), rows)
     out = model.llm.generate(
-        input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention, generation_config=config,
-        stopping_criteria=criteria, streamer=streamer, **({"past_key_values": cached} if cached is not None else {}),
+        input_ids=penalised_ids, inputs_embeds=embeds, attention_mask=attention, generation_config=config,
+        stopping_criteria=criteria, streamer=streamer, **({"cache": cached} if cached is not None else {}),
     )
     if config.return_dict_in_generate:
-        cache.kv, out = out.past_key_values, out.sequences
-        cache.ids = out[0].tolist()
+        cache.kv, out = out.cache, out.sequences
+        cache.ids = prompts[0].input_ids + out[0, longest:].tolist()
     replies = []
     for row in out[:, longest:].tolist():
         ends = [i for i, token in enumerate(row) if token in stops.ids]
