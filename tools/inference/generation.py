@@ -133,8 +133,9 @@ class TurnCache:
 
     def reusable(self, prompt: Rendered) -> object | None:
         """The cache cropped to the longest common prefix with the prompt's ids (at least one id left to run), or
-        None. Nothing is reused when an image slot lies past that prefix: generate() embeds the uncached tail from
-        ids, where image slots hold placeholder ids, so the image would be lost."""
+        None. Nothing is reused when an image slot lies past that prefix: the ids of image slots are placeholders
+        (an id past the logits, see generate) and must never be embedded, which transformers before 5.25 did with
+        the uncached tail."""
         if self.kv is None:
             return None
         prompt_ids = prompt.input_ids

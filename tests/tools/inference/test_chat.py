@@ -47,16 +47,19 @@ def image(workspace, i):
     return workspace["manifest"].parent / f"{i}.png"
 
 
-def manual_greedy(pipeline, prompt, features, steps):
-    """Greedy decoding by hand through VisionLLM.forward: what generate() must reproduce."""
+def manual_greedy(pipeline, prompt, features, steps, penalty=1.0):
+    """Greedy decoding by hand through VisionLLM.forward: what generate() must reproduce. The repetition `penalty`
+    applies to the ids of the text seen so far (image slots are no tokens)."""
     ids, mask = list(prompt.input_ids), [False] * len(prompt.input_ids)
     for start, length in prompt.images:
         mask[start:start + length] = [True] * length
     out = []
     for _ in range(steps):
         logits = pipeline.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
-                                torch.tensor([mask]), features).logits
-        token = int(logits[0, -1, :pipeline.tokenizer.vocab_size].argmax())  # ids past the tokenizer never come
+                                torch.tensor([mask]), features).logits[0, -1].clone()
+        seen = torch.tensor(sorted({i for i, image_slot in zip(ids, mask) if not image_slot}))
+        logits[seen] = torch.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+        token = int(logits[:pipeline.tokenizer.vocab_size].argmax())  # ids past the tokenizer never come
         if token in pipeline.stops.ids:
             break
         out.append(token)
@@ -72,6 +75,20 @@ def test_generation_reads_the_image_through_the_projector(pipeline, home):
     assert len(prompt.images) == 1 and prompt.images[0][1] == 4
     other = manual_greedy(pipeline, prompt, pipeline.image_features([image(home, 1)]) * 40, 6)
     assert other != reply  # the image slots steer the answer
+
+
+def test_the_repetition_penalty_counts_text_not_image_slots(pipeline, home):
+    # Image slots hold the pad id; a penalty (or reward) on it changed replies, and for backbones whose pad is a stop
+    # id the reply ran on. The slots' id is made the stop id here, rewarded strongly: only text may count.
+    features = pipeline.image_features([image(home, 0)])
+    prompt = pipeline.prompt([("Describe this image.", None)], with_image=True)
+    stop = pipeline.stops.ids[0]
+    for start, length in prompt.images:
+        prompt.input_ids[start:start + length] = [stop] * length
+    for penalty in (1.5, 0.02):
+        options = GenerationOptions(max_new_tokens=6, repetition_penalty=penalty)
+        assert pipeline.generate_batch([prompt], features, options) == \
+            [manual_greedy(pipeline, prompt, features, 6, penalty=penalty)]
 
 
 def test_a_pil_image_and_its_path_give_the_same_answer(pipeline, home):
@@ -148,6 +165,25 @@ def test_keeping_the_kv_cache_across_turns_changes_no_reply(pipeline, home):
         replies[keep] += [session.ask(q, GREEDY) for q in questions[:2]]
     assert replies[True] == replies[False]
     assert session.cache is not None and session.cache.kv is not None  # kept by default
+
+
+def test_the_kv_cache_is_not_reused_when_the_prompt_differs_before_the_image(pipeline, home):
+    # A kept turn's keys and values are reused up to the first id that differs; generate() embeds the rest from ids,
+    # where image slots hold placeholder ids: the image was lost when it lay past that point.
+    from dataclasses import replace
+
+    from align.tools.inference.generation import TurnCache
+
+    features = pipeline.image_features([image(home, 3)]) * 40
+    first = pipeline.prompt([("Describe this image.", None)], with_image=True)
+    slot = first.images[0][0]
+    changed = replace(first, input_ids=first.input_ids[:slot - 2] + [first.input_ids[1]] + first.input_ids[slot - 1:])
+    options = GenerationOptions(max_new_tokens=8)
+    cache = TurnCache()
+    pipeline.generate_batch([first], features, options, cache=cache)
+    with_cache = pipeline.generate_batch([changed], features, options, cache=cache)
+    assert with_cache == pipeline.generate_batch([changed], features, options)
+    assert cache.ids[:len(changed.input_ids)] == changed.input_ids  # the prompt's own ids are kept for the next turn
 
 
 def test_old_exchanges_are_dropped_when_the_prompt_would_not_fit(pipeline):
