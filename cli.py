@@ -13,6 +13,7 @@ from rich.table import Table
 
 from align import __version__
 from align.constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION
+from align.cpu_threads import share_cores
 from align.errors import AlignError
 
 app = typer.Typer(
@@ -628,6 +629,7 @@ except ImportError:  # pragma: no cover
 
 def main() -> None:
     """Entry point of the `align` console script."""
+    share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # before anything imports torch
     command = typer.main.get_command(app)
     _plain_metavars(command)
     try:

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from align.cpu_threads import share_cores
+
+share_cores()  # before torch is imported: the suite and every align it starts use a share of the cores
+
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 LLAMA_MODEL = SHARED_TOKENIZERS / "llama" / "tokenizer.model"
 QWEN_TIKTOKEN = SHARED_TOKENIZERS / "qwen" / "qwen.tiktoken"

@@ -203,10 +203,10 @@ def _remove_empty_store(out: Path) -> None:
 
 def default_workers(images: int, batch_size: int) -> int:
     """Decoding processes: none for a few batches (starting workers costs more than they save), else one per spare
-    core (the encoder keeps one busy), at most 8."""
+    thread of this process's share of the cores (the encoder keeps one busy), at most 8."""
     if images <= 4 * batch_size:
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, torch.get_num_threads() - 1))
 
 
 def _extract_share(
@@ -217,6 +217,20 @@ def _extract_share(
     dataset = ImageFiles(paths, encoder.preprocessing, n_views, max_pixels, convert_modes)
     workers = default_workers(len(paths), batch_size) if workers is None else workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    # Each decoding process takes one of this process's threads (torch gives each worker one), so together they
+    # use the share of the cores this job was given, not more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - workers))
+    try:
+        return _encode_batches(store, writer, encoder, device, loader, len(paths), rejects, batch_size, shard_images,
+                               show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_batches(store: FeatureStore, writer: str, encoder: Encoder, device: torch.device, loader, total: int,
+                    rejects: RejectLog, batch_size: int, shard_images: int, show_progress: bool) -> dict:
+    """Encode the loader's batches into the store, committing a shard every `shard_images` images."""
     counts = {"extracted": 0, "duplicates": 0}
     keys: list[str] = []
     uncommitted: set[str] = set()
@@ -230,7 +244,7 @@ def _extract_share(
 
     columns = progress_columns("extracting", "{task.fields[rate]} images/s")
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
-        task = bar.add_task("extract", total=len(paths), rate="-")
+        task = bar.add_task("extract", total=total, rate="-")
         started = time.perf_counter()
         try:
             for batch in loader:

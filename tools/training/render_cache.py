@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
+from align.cpu_threads import job_cores
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
 from align.templates import IGNORE_INDEX, render
@@ -85,8 +86,9 @@ def cache_root(recipe) -> Path:
 
 
 def render_workers(recipe) -> int:
-    """Processes that build a render cache: the recipe's number, else one per core."""
-    return recipe.runtime.render_workers or max(1, len(os.sched_getaffinity(0)))
+    """Processes that build a render cache (while the job's other processes wait): the recipe's number, else one
+    per core of the job's share of this machine."""
+    return recipe.runtime.render_workers or job_cores()
 
 
 def _file_digest(path: Path) -> str:

@@ -1,0 +1,51 @@
+"""How many CPU threads each process align starts may use: a share of this machine's cores, decided once per job.
+
+torch sizes its thread pool from OMP_NUM_THREADS when it is first imported, and uses every core otherwise. Several
+processes at once (torchrun ranks, decode workers beside the encoder, a training child beside its parent) or other
+jobs on the machine then oversubscribe the cores, and torch's threads spin waiting for each other: on a loaded 2-core
+machine small CPU steps ran 2-3x slower with two threads than with one (README, "Threads"). So the `align` command decides a share before torch is imported and passes it to every process it starts through the
+environment; a thread count the user set is kept as it is.
+"""
+
+import os
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or SLURM's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores() -> int:
+    """Cores other work keeps busy now: the whole part of the last minute's load average."""
+    try:
+        return int(os.getloadavg()[0])
+    except OSError:
+        return 0
+
+
+def thread_share(processes: int = 1) -> int:
+    """Threads for each of `processes` processes started together: the cores not busy elsewhere, divided evenly."""
+    return max(1, (usable_cores() - busy_cores()) // max(1, processes))
+
+
+def share_cores(processes: int = 1) -> int:
+    """Set this job's thread count for this process and every process it starts (the user's OMP_NUM_THREADS when
+    set, else `thread_share`); call it before torch is imported. Returns the count."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(chosen) if chosen.isdigit() and int(chosen) > 0 else thread_share(processes)
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def job_cores() -> int:
+    """The cores this job's processes on this machine use together: each one's share times their number."""
+    share = os.environ.get("OMP_NUM_THREADS", "").strip()
+    per_process = int(share) if share.isdigit() and int(share) > 0 else usable_cores()
+    return per_process * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
