@@ -7,6 +7,7 @@ from pathlib import Path
 
 from align import __version__
 from align.backbones import model_dir
+from align.backbones.dtypes import dtype_name
 from align.backbones.llm import load_llm
 from align.backbones.native import layout_for
 from align.backbones.registry import get_backbone
@@ -42,8 +43,9 @@ def convert_backbone(name: str, source: Path, out: Path, dtype: str | None = Non
     out = out.expanduser().resolve()
     if out.exists():
         raise BackboneError(f"{out} already exists; give a new directory to convert into")
-    dtype = dtype or model_dir.suggested_dtype(config)
-    llm = load_llm(source, dtype=dtype)
+    # Without a dtype, the checkpoint's own: config.json's, else that of its tensors (transformers' "auto").
+    llm = load_llm(source, dtype=dtype or "auto", norm_head=spec.norm_head)
+    dtype = dtype_name(llm.dtype)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     # save_original_format=False: write the native names, not the official layout the weights were read from.
@@ -56,7 +58,7 @@ def convert_backbone(name: str, source: Path, out: Path, dtype: str | None = Non
         if (source / file).is_file():
             shutil.copy2(source / file, partial / file)
     note = {"source": str(source), "backbone": spec.name, "layout": layout.name, "dtype": dtype,
-            "normalised_output_rows": layout.norm_head(config), "align_version": __version__}
+            "normalised_output_rows": layout.norm_head(config) if spec.norm_head is None else spec.norm_head, "align_version": __version__}
     write_atomic(partial / CONVERSION_NOTE, json.dumps(note, indent=2) + "\n")
     partial.rename(out)
     return Conversion(out, layout.name, native.architectures[0], dtype, sorted(p.name for p in out.iterdir()))

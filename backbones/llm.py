@@ -105,20 +105,29 @@ def load_llm(
     quantization: str = "none",
     trust_remote_code: bool = False,
     device: torch.device | str | None = None,
+    norm_head: bool | None = None,
 ) -> PreTrainedModel:
     """The frozen causal LM (eval mode) of a model directory or a registered backbone's name.
 
     Official Qwen-1 and Baichuan checkpoints load into native classes; any other directory through transformers'
-    Auto classes. Weights stream shard by shard into `dtype` (fp32, fp16, bf16) or 8/4-bit quantization.
+    Auto classes. Weights stream shard by shard into `dtype` (fp32, fp16, bf16, or the torch dtype, as transformers
+    takes it; "auto": the checkpoint's own) or 8/4-bit quantization. `norm_head` says whether the output rows are
+    L2-normalised in use (Baichuan2); None: a registered name's entry says, else config.json tells.
     """
-    dtype = dtype_name(dtype)
+    if dtype == "auto" and quantization != "none":
+        raise BackboneError("name the dtype (fp32, fp16, bf16) that quantized layers compute in")
+    dtype = dtype if dtype == "auto" else dtype_name(dtype)
     path = model_directory(model)
+    if norm_head is None and isinstance(model, str) and not Path(model).expanduser().is_dir():
+        from align.backbones.registry import get_backbone  # a name: its entry decides
+
+        norm_head = get_backbone(model).norm_head
     cpu_accelerator_without_gpu()
     quiet_loading(quantization)
     config = model_dir.model_config(path)
     layout = layout_for(config)
     quant = quantization_config(quantization, dtype)
-    kwargs: dict = {"dtype": TORCH_DTYPES[dtype]}
+    kwargs: dict = {"dtype": TORCH_DTYPES.get(dtype, dtype)}
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.device(device) if device is not None else "cpu"}
@@ -132,7 +141,7 @@ def load_llm(
         llm = model_class.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise BackboneError(f"cannot load the LLM from {path}: {exc}") from None
-    if layout is not None and layout.norm_head(config):
+    if layout is not None and (layout.norm_head(config) if norm_head is None else norm_head):
         normalise_output_rows(llm)
     if quantization == "4bit":
         unpacked_where_unpackable(llm)
@@ -201,7 +210,8 @@ def load_frozen_llm(
     path = model or (Path(spec.model_path) if spec.model_path else None)
     if path is None:
         raise BackboneError(f"backbone '{spec.name}' has no local model: pass a model path or `align add-backbone`")
-    llm = load_llm(Path(path), dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code, device=device)
+    llm = load_llm(Path(path), dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code, device=device,
+                   norm_head=spec.norm_head)
     rows, hidden = full_shape(llm.get_input_embeddings().weight)
     if hidden != spec.hidden_size or rows < spec.vocab_size:
         raise BackboneError(

@@ -27,6 +27,8 @@ class BackboneSpec(BaseModel):
     hidden_size: int = Field(gt=0, description="LLM hidden size: the projector's output width")
     vocab_size: int = Field(gt=0, description="rows of the LLM's input embedding matrix")
     remote_code: bool = Field(False, description="the LLM architecture needs trust_remote_code to load")
+    norm_head: bool | None = Field(None, description="output rows are L2-normalised in use (Baichuan2's NormHead); "
+                                   "None: told from the checkpoint's config.json")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="suggested LLM dtype")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="suggested for one 24 GB GPU")
     languages: list[str] = Field(default_factory=list)

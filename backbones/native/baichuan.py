@@ -3,7 +3,8 @@
 Both are LLaMA blocks with q/k/v fused in `self_attn.W_pack`. The 7B releases use RoPE and name
 `max_position_embeddings` in their config; the 13B releases use ALiBi and do not. Baichuan2's output layer is a
 NormHead, whose rows are L2-normalised before use: the loaded (or converted) plain head holds the normalised rows.
-Baichuan2 is told from Baichuan-1 by its vocabulary (125,696 pieces; Baichuan-1 has 64,000).
+Baichuan2 is told from Baichuan-1 by the backbone's name (its preset's `norm_head`); a checkpoint loaded by path alone
+by its vocabulary (125,696 pieces; Baichuan-1 has 64,000) or its config's `z_loss_weight`.
 """
 
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,8 +64,9 @@ def w_pack_weights() -> list:
 
 
 def is_baichuan2(config: dict) -> bool:
-    """Baichuan2 (NormHead) rather than Baichuan-1: its vocabulary size."""
-    return config.get("vocab_size") == BAICHUAN2_VOCAB
+    """Baichuan2 (NormHead) rather than Baichuan-1, when no backbone name says which: its vocabulary size, or the
+    z-loss weight only Baichuan2's config.json carries."""
+    return config.get("vocab_size") == BAICHUAN2_VOCAB or "z_loss_weight" in config
 
 
 register_layout(NativeLayout(

@@ -142,6 +142,36 @@ def test_converted_directory_is_native_and_equal(checkpoints, tmp_path, align_ho
         convert_backbone(backbone, checkpoints[name], result.out)
 
 
+def test_the_backbone_name_decides_baichuan2s_norm_head_not_the_vocabulary_size(tmp_path, align_home):
+    # A Baichuan2 checkpoint with another vocabulary (a resized or test one) skipped NormHead: logits off by 9.
+    torch.manual_seed(0)
+    state, config = baichuan_state(300), baichuan_config(300)
+    official = write_checkpoint(tmp_path / "official", state, config, "safetensors")
+    ids = torch.randint(3, 300, (7,), generator=torch.Generator().manual_seed(2))
+    normed = baichuan_reference(state, state["model.embed_tokens.weight"][ids], norm_head=True)
+    plain = baichuan_reference(state, state["model.embed_tokens.weight"][ids], norm_head=False)
+    assert (normed - plain).abs().max() > 1
+    result = convert_backbone("baichuan2-7b-chat", official, tmp_path / "native")
+    assert json.loads((result.out / CONVERSION_NOTE).read_text())["normalised_output_rows"] is True
+    assert (load_llm(result.out)(input_ids=ids[None]).logits[0] - normed).abs().max() < 1e-4
+    assert (load_llm(official)(input_ids=ids[None]).logits[0] - plain).abs().max() < 1e-4  # by path: Baichuan-1
+    # Baichuan2's config.json carries its z-loss weight: by path alone that says Baichuan2 too.
+    z_loss = write_checkpoint(tmp_path / "z-loss", state, config | {"z_loss_weight": 0}, "safetensors")
+    assert (load_llm(z_loss)(input_ids=ids[None]).logits[0] - normed).abs().max() < 1e-4
+
+
+def test_conversion_keeps_the_dtype_of_the_source_tensors_when_the_config_names_none(tmp_path, align_home):
+    torch.manual_seed(0)
+    official = write_checkpoint(tmp_path / "official", qwen1_state(300), qwen1_config(300), "safetensors")
+    assert "torch_dtype" not in qwen1_config(300) and "dtype" not in qwen1_config(300)
+    result = convert_backbone("qwen-7b-chat", official, tmp_path / "native")
+    assert result.dtype == "fp32" and load_llm(result.out).get_input_embeddings().weight.dtype == torch.float32
+    from safetensors import safe_open
+
+    with safe_open(next(result.out.glob("*.safetensors")), "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F32"}
+
+
 def test_convert_backbone_cli_converts_once_and_add_backbone_takes_the_result(tmp_path, align_home, qwen_model_dir):
     torch.manual_seed(0)
     official = write_checkpoint(tmp_path / "Qwen-official", qwen1_state(480), qwen1_config(480))
