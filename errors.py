@@ -40,6 +40,11 @@ class TemplateError(AlignError):
     """A template that does not fit a tokenizer, or a sample it cannot render."""
 
 
+class NotPrefixStableError(TemplateError):
+    """A multi-turn training record whose earlier replies render differently once later turns follow (Qwen3's
+    template, say): training rejects the record; the backbone itself is fine."""
+
+
 class TokenizerError(AlignError):
     """A tokenizer that cannot be loaded from the files given."""
 

@@ -21,7 +21,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from align.errors import TemplateError
+from align.errors import NotPrefixStableError, TemplateError
 from align.templates.conversation import ASSISTANT, USER, Conversation, ImageItem, Message
 from align.templates.segments import Control, Image, Segment, Text
 from align.templates.template import HF_CHAT, Template
@@ -226,7 +226,7 @@ class HFChatTemplate(Template):
             found = self._split.search(pieces[-1]) if self._split else None
             alone = "".join(pieces[:-1]) + (pieces[-1][:found.end()] if found else "")
             if not whole.startswith(alone):
-                raise TemplateError(
+                raise NotPrefixStableError(
                     f"the model's chat template renders reply {k} differently once later turns follow (not "
                     "prefix-stable); give each such turn its own record"
                 )

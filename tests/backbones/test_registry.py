@@ -54,7 +54,7 @@ def test_add_new_llm_uses_its_own_chat_template_and_sizes(align_home, hf_chatml_
     assert (spec.template, spec.tokenizer, spec.hidden_size, spec.vocab_size) == ("hf-chat", "hf", 48, 512)
     assert spec.chat_template_sha256 == hashlib.sha256(CHATML_JINJA.encode()).hexdigest()
     compared = next(c for c in result.checks if c.name == "equals the model's own apply_chat_template")
-    assert compared.ok and compared.detail == "4 conversations, id for id"
+    assert compared.ok and compared.detail == "5 conversations, id for id"
     assert add_backbone("tiny-chatml-v", hf_chatml_dir, template="chatml").spec.template == "chatml"  # --template wins
     assert spec.remote_code is False and spec.dtype == "bf16" and spec.quantization == "none"
     names = [check.name for check in result.checks]
