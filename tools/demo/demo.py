@@ -195,6 +195,8 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     recipe = ws / "recipe.yaml"
     # The copy's first line is the exact command that runs it, as every recipe's first line is.
     body = RECIPE.read_text(encoding="utf-8").split("\n", 1)[1]
+    # A recipe's output folder is relative to where `align train` runs; the workspace's runs go inside it.
+    body = body.replace("  output_dir: runs\n", f"  output_dir: {ws / 'runs'}\n")
     recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
     say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stage 1 (captions), stage 2 (chat); "
         "only the projector learns")

@@ -34,6 +34,8 @@ class DataSource(Strict):
 
     manifest: Path
     ratio: float = Field(1.0, gt=0, description="relative sampling weight among the stage's manifests")
+    image_root: Path | None = Field(None, description="folder the manifest's relative image paths start from (as "
+                                    "`features extract --image-root`); default: the manifest's folder")
 
 
 class Schedule(Strict):
@@ -196,6 +198,9 @@ def apply_override(data: dict, assignment: str) -> None:
             node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
 def _resolve(path: Path | None, base: Path) -> Path | None:
     return None if path is None else (path if path.expanduser().is_absolute() else base / path).expanduser()
 
@@ -213,8 +218,9 @@ def _set_keys(overrides: list[str], data: dict) -> set[tuple]:
 
 
 def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
-    """Read, override, validate; relative paths in the recipe are relative to its file, those given with `--set`
-    to the working directory (where they were typed)."""
+    """Read, override, validate. Relative paths a run reads (store, model, manifests, init_from) are relative to
+    the recipe's file, except in a recipe shipped inside align; paths it writes (output_dir, render_cache) and
+    those given with `--set` are relative to the working directory (where the command was typed)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -237,19 +243,21 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
     typed = _set_keys(list(overrides), data)
     recipe_dir, cwd = path.parent.resolve(), Path.cwd()
+    shipped = recipe_dir == SHIPPED_RECIPES  # nothing a user reads or writes lives inside the package
 
-    def resolve(value: Path | None, *where) -> Path | None:
+    def resolve(value: Path | None, *where, written: bool = False) -> Path | None:
         where = tuple(str(w) for w in where)
         from_command_line = any(where[:len(key)] == key for key in typed)
-        return _resolve(value, cwd if from_command_line else recipe_dir)
+        return _resolve(value, cwd if from_command_line or written or shipped else recipe_dir)
 
     recipe.features = resolve(recipe.features, "features")
     recipe.backbone.model = resolve(recipe.backbone.model, "backbone", "model")
-    recipe.runtime.output_dir = resolve(recipe.runtime.output_dir, "runtime", "output_dir")
-    recipe.runtime.render_cache = resolve(recipe.runtime.render_cache, "runtime", "render_cache")
+    recipe.runtime.output_dir = resolve(recipe.runtime.output_dir, "runtime", "output_dir", written=True)
+    recipe.runtime.render_cache = resolve(recipe.runtime.render_cache, "runtime", "render_cache", written=True)
     for i, stage in enumerate(recipe.stages):
         for j, source in enumerate(stage.data):
             source.manifest = resolve(source.manifest, "stages", i, "data", j, "manifest")
+            source.image_root = resolve(source.image_root, "stages", i, "data", j, "image_root")
         if stage.init_from not in (None, "previous"):
             stage.init_from = str(resolve(Path(stage.init_from), "stages", i, "init_from"))
     return recipe

@@ -65,6 +65,7 @@ class RenderSettings:
     num_query_tokens: int
     store: str
     manifests: tuple[str, ...]
+    image_roots: tuple[str | None, ...]  # per manifest: where its relative image paths start (None: its folder)
 
 
 def settings_for(recipe, spec, stage, num_query_tokens: int) -> RenderSettings:
@@ -77,6 +78,7 @@ def settings_for(recipe, spec, stage, num_query_tokens: int) -> RenderSettings:
         max_length=stage.max_length, prompts=tuple(stage.prompts) if stage.prompts else None,
         truncate=stage.truncation, seed=recipe.runtime.seed, num_query_tokens=num_query_tokens,
         store=str(recipe.features), manifests=tuple(str(d.manifest) for d in stage.data),
+        image_roots=tuple(str(d.image_root) if d.image_root else None for d in stage.data),
     )
 
 
@@ -197,7 +199,8 @@ def _render_chunk(task: tuple[int, int, str, int, int, int, str]) -> dict:
             conversation = training_conversation(record)
             rows = []
             for ref in conversation.images:
-                key = store.find(resolve_image(ref, item.manifest, None))
+                root = settings.image_roots[source]
+                key = store.find(resolve_image(ref, item.manifest, Path(root) if root else None))
                 if key is None:
                     raise AlignError(f"not in the feature store: image {ref}")
                 location = store.index[key]

@@ -27,7 +27,7 @@ def workspace(train_workspace, monkeypatch):
 def settings(ws, manifests, **changes) -> RenderSettings:
     values = dict(backbone="tiny-llama", model=str(ws["llama"]), template="caption", system=None, max_length=64,
                   prompts=None, truncate="reply", seed=0, num_query_tokens=4, store=str(ws["features"]),
-                  manifests=tuple(str(m) for m in manifests))
+                  manifests=tuple(str(m) for m in manifests), image_roots=(None,) * len(manifests))
     values.update(changes)
     return RenderSettings(**values)
 
@@ -67,6 +67,41 @@ def test_one_image_list_per_record_and_every_bad_record_rejected_with_its_reason
     assert [length for _, length in two.images] == [4, 4] and two.images[0][0] < two.images[1][0]
     assert len(long_one.input_ids) <= 200 and long_one.labels[-1] == 2  # the reply's end (</s>) is kept, learnt
     assert sum(label != IGNORE_INDEX for label in long_one.labels) > 20
+
+
+def test_a_data_sources_image_root_finds_images_extracted_with_image_root(workspace, tmp_path):
+    # `features extract --image-root DIR` resolved the manifest's relative paths against DIR; training resolved them
+    # against the manifest's folder and rejected every record.
+    from align.tools.training.recipe import load_recipe
+
+    (tmp_path / "lists").mkdir()
+    elsewhere = write_manifest(tmp_path / "lists" / "captions.jsonl", [{"image": "0.png", "caption": "a red picture"}])
+    images = str(Path(workspace["manifest"]).parent)
+    alone = RenderCache(build_cache(settings(workspace, [elsewhere]), tmp_path / "c1", workers=1, progress=False))
+    assert len(alone) == 0 and alone.meta["rejected"] == 1
+    rooted = RenderCache(build_cache(settings(workspace, [elsewhere], image_roots=(images,)), tmp_path / "c2",
+                                     workers=1, progress=False))
+    assert len(rooted) == 1 and rooted.samples(np.arange(1), epoch=0)[0].rows == [store_row(workspace, "0.png")]
+    recipe = tmp_path / "lists" / "r.yaml"
+    recipe.write_text("backbone: {name: tiny-llama}\nfeatures: f\nstages:\n- {name: s, data: [{manifest: "
+                      "captions.jsonl, image_root: ../pictures}], global_batch_size: 1, lr: {init_lr: 0.1}}\n")
+    source = load_recipe(recipe).stages[0].data[0]
+    assert source.image_root == tmp_path / "lists" / ".." / "pictures"  # read paths: relative to the recipe
+
+
+def test_written_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    from align.tools.training.recipe import SHIPPED_RECIPES, load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(SHIPPED_RECIPES / "minigpt4qwen-7b.yaml")
+    assert recipe.runtime.output_dir == tmp_path / "runs" / "minigpt4qwen-7b"  # never inside the package
+    assert recipe.stages[0].data[0].manifest == tmp_path / "data" / "minigpt4qwen_instructions.jsonl"
+    (tmp_path / "mine").mkdir()
+    copied = tmp_path / "mine" / "r.yaml"
+    copied.write_text((SHIPPED_RECIPES / "minigpt4qwen-7b.yaml").read_text())
+    recipe = load_recipe(copied)
+    assert recipe.runtime.output_dir == tmp_path / "runs" / "minigpt4qwen-7b"
+    assert recipe.stages[0].data[0].manifest == tmp_path / "mine" / "data" / "minigpt4qwen_instructions.jsonl"
 
 
 def test_caption_cut_to_fit_keeps_eos_and_never_an_image(workspace):
