@@ -489,7 +489,6 @@ def chat(
     features: Annotated[Optional[Path], typer.Option(help="Feature store to take the image's features from.")] = None,
     key: Annotated[Optional[str], typer.Option(help="Image key, or the image path as extracted, in --features.")] = None,
     question: Annotated[Optional[list[str]], typer.Option(help="Ask this and print the answer (repeat for more turns); no prompt loop.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone name (default: the adapter's).")] = None,
     device: DeviceOpt = None,
     dtype: LlmDtypeOpt = None,
     quantization: QuantizationOpt = "none",
@@ -508,7 +507,7 @@ def chat(
     options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
     with remote_code_opt_in(REMOTE_CODE_FLAG):
         session = open_session(adapter, image=image, model=model, encoder=encoder, features=features, key=key,
-                               backbone=backbone, device=device, dtype=dtype, quantization=quantization,
+                               device=device, dtype=dtype, quantization=quantization,
                                trust_remote_code=trust_remote_code)
     if question:
         for text in question:

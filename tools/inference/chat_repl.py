@@ -23,7 +23,7 @@ anything else is your next message."""
 
 def open_session(
     adapter: Path, *, image: Path | None = None, model: Path | None = None, encoder: Path | None = None,
-    features: Path | None = None, key: str | None = None, backbone: str | None = None, device: str | None = None,
+    features: Path | None = None, key: str | None = None, device: str | None = None,
     dtype: str | None = None, quantization: str = "none", trust_remote_code: bool = False,
 ) -> ChatSession:
     """Load the pipeline and start a conversation about `image`, or about stored features (`features` + `key`)."""
@@ -36,7 +36,7 @@ def open_session(
                          "or use cached features with --features STORE --key K")
     if image is not None and not Path(image).is_file():
         raise AlignError(f"image {image} does not exist")
-    pipeline = Pipeline.load(adapter, model=model, encoder=encoder, backbone=backbone, device=device, dtype=dtype,
+    pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device, dtype=dtype,
                              quantization=quantization, trust_remote_code=trust_remote_code)
     stored = pipeline.stored_features(features, key) if features is not None else None
     return pipeline.chat(image=image, features=stored)

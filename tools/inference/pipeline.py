@@ -65,14 +65,20 @@ class Pipeline:
     @classmethod
     def load(
         cls, adapter: Path | str, *, model: Path | str | None = None, encoder: Path | str | None = None,
-        backbone: str | None = None, device: torch.device | str | None = None, dtype: str | None = None,
+        store: Path | str | None = None, device: torch.device | str | None = None, dtype: str | None = None,
         quantization: str = "none", trust_remote_code: bool = False,
     ) -> "Pipeline":
-        """Load an adapter directory, its backbone's LLM (`model`, else the registered path) and the encoder."""
+        """Load an adapter directory, its backbone's LLM (`model`, else the registered path) and the encoder; the
+        encoder and a feature `store` to read from are checked against the adapter before the LLM loads."""
         device = local_device(device)  # a device this machine lacks is refused before anything loads
         config, state = load_adapter(Path(adapter))
-        spec = get_backbone(backbone or config.backbone)
+        spec = get_backbone(config.backbone)
         config.check_fits(backbone=spec.name, hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, where=str(adapter))
+        loaded = load_encoder(encoder) if encoder is not None else None
+        if loaded is not None:
+            _check_encoder(config, loaded, str(adapter))
+        if store is not None:
+            _check_store(config, FeatureStore.open(store), str(store))
         model = Path(model) if model else None
         tokenizer = backbone_tokenizer(spec, model)
         template = inference_template(config, spec, tokenizer, model, str(adapter))
@@ -84,9 +90,8 @@ class Pipeline:
         except RuntimeError as exc:
             raise AdapterError(f"{adapter}: the weights do not match its {config.projector} projector config: {exc}") from None
         vision_llm = VisionLLM(llm, projector.to(device)).eval()
-        loaded = load_encoder(encoder).to(device, default_compute_dtype(device)) if encoder is not None else None
         if loaded is not None:
-            _check_encoder(config, loaded, str(adapter))
+            loaded = loaded.to(device, default_compute_dtype(device))
         return cls(config, vision_llm, tokenizer, loaded, spec, device, template)
 
     # -- features -----------------------------------------------------------------------------------------------------
@@ -101,12 +106,7 @@ class Pipeline:
     def stored_features(self, store: Path | str, key: str) -> torch.Tensor:
         """[1, queries, width] features of one image from a feature store (by image key or by extracted path)."""
         opened = FeatureStore.open(store)
-        theirs, ours = opened.meta["encoder_fingerprint"], self.adapter.encoder_fingerprint
-        if ours is not None and theirs != ours:
-            raise AdapterError(f"store {store} holds features of encoder {theirs}; the adapter was trained on {ours}")
-        if tuple(opened.row_shape[1:]) != (self.adapter.num_query_tokens, self.adapter.in_features):
-            raise AdapterError(f"store {store} rows are {list(opened.row_shape[1:])}; the adapter takes "
-                               f"[{self.adapter.num_query_tokens}, {self.adapter.in_features}]")
+        _check_store(self.adapter, opened, str(store))
         resolved = opened.find(Path(key).expanduser().resolve()) or key
         return torch.from_numpy(np.asarray(opened.get(resolved)[0], dtype=np.float32))[None]
 
@@ -147,6 +147,16 @@ class Pipeline:
         elif features is not None:
             session.set_features(features)
         return session
+
+
+def _check_store(config: AdapterConfig, store: FeatureStore, where: str) -> None:
+    """Refuse a feature store whose rows the adapter was not trained on."""
+    theirs, ours = store.meta["encoder_fingerprint"], config.encoder_fingerprint
+    if ours is not None and theirs != ours:
+        raise AdapterError(f"store {where} holds features of encoder {theirs}; the adapter was trained on {ours}")
+    if tuple(store.row_shape[1:]) != (config.num_query_tokens, config.in_features):
+        raise AdapterError(f"store {where} rows are {list(store.row_shape[1:])}; the adapter takes "
+                           f"[{config.num_query_tokens}, {config.in_features}]")
 
 
 def _check_encoder(config: AdapterConfig, encoder: Encoder, where: str) -> None:
