@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from align.tools.rejects import RejectLog
 from align.tools.runtime import progress_columns
 from align.tools.training.training_data import prompted, training_conversation
 
-FORMAT, FORMAT_VERSION = "align-render-cache", 1
+FORMAT, FORMAT_VERSION = "align-render-cache", 2  # 2: meta.json holds each array's length
 RENDER_CODE_VERSION = 1  # bump when a change to rendering changes ids for the same inputs
 CHUNK_BYTES = 4 << 20
 ARRAYS = {  # name → dtype of every per-cache array
@@ -245,7 +246,11 @@ def build_cache(settings: RenderSettings, root: Path, workers: int, progress: bo
     key = cache_key(settings, store_shard_names(Path(settings.store)))
     final = root / key
     if (final / "meta.json").is_file():
-        return final
+        problem = damage(final)
+        if problem is None:
+            return final
+        print(f"note: render cache {final} is damaged ({problem}); building it again", file=sys.stderr, flush=True)
+        shutil.rmtree(final)
     started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{key}.tmp-*"):
@@ -311,6 +316,7 @@ def _join_parts(parts: Path, work: Path, results: list[dict], settings: RenderSe
     files = {name: (work / f"{name}.bin").open("wb") for name in ARRAYS}
     for name in offsets:
         files[name].write(np.zeros(1, np.int64).tobytes())
+    lengths = {name: int(name in offsets) for name in ARRAYS}
     for result in results:
         for name, dtype in ARRAYS.items():
             data = np.frombuffer((parts / f"{result['index']:06d}.{name}").read_bytes(), dtype=dtype)
@@ -318,13 +324,14 @@ def _join_parts(parts: Path, work: Path, results: list[dict], settings: RenderSe
                 data = offsets[name] + np.cumsum(data, dtype=np.int64)
                 offsets[name] = int(data[-1]) if len(data) else offsets[name]
             files[name].write(data.tobytes())
+            lengths[name] += len(data)
     for file in files.values():
         file.flush()
         os.fsync(file.fileno())
         file.close()
     prefixes = _WORKER["prefixes"]
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "settings": asdict(settings), "lengths": lengths,
         "template": _WORKER["template"].name,
         "samples": sum(r["samples"] for r in results), "tokens": offsets["token_offsets"],
         "truncated": sum(r["truncated"] for r in results), "rejected": rejects.total,
@@ -350,14 +357,32 @@ class CachedSample:
     rows: list[int]
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with a built cache (an unreadable meta.json, an array of the wrong size), or None."""
+    try:
+        meta = read_json_object(path / "meta.json")
+    except AlignError as exc:
+        return str(exc)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        return f"not an {FORMAT} v{FORMAT_VERSION}"
+    lengths = meta.get("lengths") or {}
+    for name, dtype in ARRAYS.items():
+        file = path / f"{name}.bin"
+        expected = lengths.get(name, -1) * np.dtype(dtype).itemsize
+        actual = file.stat().st_size if file.is_file() else -1
+        if actual != expected:
+            return f"{file.name} holds {actual} bytes, not {expected}"
+    return None
+
+
 class RenderCache:
     """Read access to a built cache: every array a read-only memory map, so ranks share one copy in the page cache."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if problem := damage(self.path):
+            raise AlignError(f"render cache {self.path} is damaged ({problem}); delete it and run again")
         self.meta = read_json_object(self.path / "meta.json")
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
-            raise AlignError(f"{self.path} is not an {FORMAT} v{FORMAT_VERSION}")
         self.arrays = {name: _map(self.path / f"{name}.bin", dtype) for name, dtype in ARRAYS.items()}
         self.queries = self.meta["settings"]["num_query_tokens"]
         self.seed = self.meta["settings"]["seed"]

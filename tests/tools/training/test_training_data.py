@@ -104,6 +104,22 @@ def test_written_paths_resolve_against_the_working_directory(tmp_path, monkeypat
     assert recipe.stages[0].data[0].manifest == tmp_path / "mine" / "data" / "minigpt4qwen_instructions.jsonl"
 
 
+def test_a_damaged_render_cache_is_built_again(workspace, tmp_path, capsys):
+    # A cache whose arrays lost bytes (a full disk, a bad copy) crashed --resume with a numpy traceback.
+    from align.errors import AlignError
+
+    made = settings(workspace, [workspace["manifest"]])
+    path = build_cache(made, tmp_path / "cache", workers=1, progress=False)
+    expected = RenderCache(path).samples(np.arange(3), epoch=0)
+    tokens = path / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-6])
+    with pytest.raises(AlignError, match="render cache .* is damaged \\(tokens.bin holds"):
+        RenderCache(path)
+    assert build_cache(made, tmp_path / "cache", workers=1, progress=False) == path
+    assert "is damaged" in capsys.readouterr().err
+    assert RenderCache(path).samples(np.arange(3), epoch=0) == expected
+
+
 def test_caption_cut_to_fit_keeps_eos_and_never_an_image(workspace):
     spec = get_backbone("tiny-llama")
     tokenizer = backbone_tokenizer(spec, workspace["llama"])
