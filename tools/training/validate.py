@@ -21,19 +21,23 @@ class StageReport:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     steps: int | None = None
     prompts_per_epoch: bool | None = None
-    sampled: int = 0  # records read from the start of each manifest and checked as records (no tokenizer, no store)
+    sampled: int = 0  # records read from the start of each manifest and checked as records and store lookups
     sample_rejects: dict[str, int] = field(default_factory=dict)
 
 
 SAMPLED_RECORDS = 1000
 
 
-def sample_rejects(stage: Stage) -> tuple[int, dict[str, int]]:
+NOT_IN_STORE = "not in the feature store"
+
+
+def sample_rejects(stage: Stage, store=None) -> tuple[int, dict[str, int]]:
     """The first records of each manifest checked as training reads them (lines, fields, images, something to
-    learn): how many were read, and what would be rejected, by kind. Cheap: no tokenizer, no store."""
+    learn, and each image in the feature `store` when given): how many were read, and what would be rejected, by
+    kind. Cheap: no rendering."""
     from itertools import islice
 
-    from align.tools.manifest import read_manifest
+    from align.tools.manifest import read_manifest, resolve_image
     from align.tools.rejects import reason_kind
     from align.tools.training.training_data import prompted, training_conversation
 
@@ -47,10 +51,26 @@ def sample_rejects(stage: Stage) -> tuple[int, dict[str, int]]:
         for item in islice(read_manifest(source.manifest, kinds), SAMPLED_RECORDS):
             read += 1
             try:
-                training_conversation(prompted(item.record, prompt))
+                conversation = training_conversation(prompted(item.record, prompt))
+                for ref in conversation.images if store is not None else ():
+                    if store.find(resolve_image(ref, item.manifest, source.image_root)) is None:
+                        raise AlignError(f"{NOT_IN_STORE}: image {ref}")
             except AlignError as exc:
                 kinds.add(item.where, str(exc))
     return read, dict(kinds)
+
+
+def check_tokenizer(spec, model: Path) -> str | None:
+    """Why the backbone's tokenizer does not load from `model`, or None."""
+    from align.backbones.registry import backbone_tokenizer
+
+    try:
+        backbone_tokenizer(spec, model)
+    except AlignError as exc:
+        return f"backbone '{spec.name}': its tokenizer does not load from {model}: {exc}"
+    except Exception as exc:  # a damaged tokenizer file raises whatever its library raises
+        return f"backbone '{spec.name}': its tokenizer does not load from {model}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def count_records(manifest: Path) -> int:
@@ -109,6 +129,8 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                             "`align add-backbone NAME --model DIR`")
         elif not Path(model).is_dir():
             problems.append(f"backbone model directory {model} does not exist")
+        elif problem := check_tokenizer(spec, Path(model)):
+            problems.append(problem)
         if spec.remote_code and not runtime.trust_remote_code:
             problems.append(f"backbone '{spec.name}' runs its own model code: set runtime.trust_remote_code: true "
                             "if you trust it")
@@ -117,6 +139,7 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                         "use quantization none with ZeRO-3, or zero_stage 0-2 with quantization")
     if runtime.offload_params and runtime.zero_stage != 3:
         problems.append("runtime.offload_params needs zero_stage 3")
+    store = FeatureStore.open(recipe.features) if meta is not None else None
     reports = []
     for stage in recipe.stages:
         missing = [d.manifest for d in stage.data if not d.manifest.is_file()]
@@ -126,7 +149,13 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
         problems += stage_problems(recipe, stage, records, world_size)
         report = StageReport(stage.name, records)
         if not missing:
-            report.sampled, report.sample_rejects = sample_rejects(stage)
+            report.sampled, report.sample_rejects = sample_rejects(stage, store)
+            if report.sampled and report.sample_rejects.get(NOT_IN_STORE) == report.sampled:
+                roots = ", ".join(str(d.image_root) for d in stage.data if d.image_root) or "their manifests' folders"
+                problems.append(f"stage {stage.name}: none of the first {report.sampled} records' images is in the "
+                                f"feature store {recipe.features} (looked up relative to {roots}): extract them "
+                                "with `align features extract`, or set the data source's image_root to the "
+                                "--image-root they were extracted with")
         reports.append(report)
     if problems:
         raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))

@@ -335,4 +335,28 @@ def test_validate_reads_manifests_cheaply_and_names_what_would_be_rejected(works
         args += ["--set", s]
     done = run_align(*args, "--set", f"stages.caption.data.0.manifest={manifest}")
     assert done.returncode == 0, done.stderr
-    assert "caption: 18 records (first 17 checked, would reject: 1 'image' names an empty path, 1 malformed" in done.stdout
+    # The records whose relative paths now point beside the new manifest are not in the store (9 of 16).
+    assert ("caption: 18 records (first 17 checked, would reject: 9 not in the feature store, 1 'image' names an "
+            "empty path, 1 malformed") in done.stdout
+
+
+def test_validate_refuses_a_store_without_the_images_and_a_tokenizer_that_does_not_load(workspace, tmp_path):
+    import shutil
+
+    args = ["validate", workspace["recipe"]]
+    for s in workspace["sets"]:
+        args += ["--set", s]
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    shutil.copy(workspace["manifest"], elsewhere)  # relative image paths, now resolved beside this copy
+    done = run_align(*args, "--set", f"stages.caption.data.0.manifest={elsewhere}")
+    assert done.returncode == 2 and "stage caption: none of the first 16 records' images is in the feature store" \
+        in done.stderr, done.stderr
+    rooted = run_align(*args, "--set", f"stages.caption.data.0.manifest={elsewhere}",
+                       "--set", f"stages.caption.data.0.image_root={Path(workspace['manifest']).parent}")
+    assert rooted.returncode == 0, rooted.stderr
+    model = tmp_path / "llm"
+    shutil.copytree(workspace["llama"], model)
+    (model / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    broken = run_align(*args, "--set", f"backbone.model={model}")
+    assert broken.returncode == 2 and "its tokenizer does not load from" in broken.stderr, broken.stderr
+    assert "Traceback" not in broken.stderr
