@@ -344,7 +344,7 @@ def data_convert(
     src: Annotated[Path, typer.Argument(help="The data set file or folder.")],
     format_: Annotated[str, typer.Option("--format", help="cc_sbu_align, minigpt4qwen, llava or caption_folder.")],
     out: Annotated[Path, typer.Option(help="Manifest to write (JSON Lines).")],
-    image_root: Annotated[Optional[Path], typer.Option(help="Write image paths relative to this folder.")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(help="Write image paths relative to this folder (then extract with --image-root and give the recipe's data source image_root); LLaVA's relative paths are read from here too. Default: relative to the manifest's folder.")] = None,
 ) -> None:
     """Convert a public data set layout into an align manifest; bad entries go to OUT.rejects.jsonl."""
     from align.tools.training.data_convert import convert

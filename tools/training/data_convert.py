@@ -46,14 +46,19 @@ def _with_image(record: dict, entry: dict, base: Path, image_root: Path | None) 
 
 
 def _image(path: Path, image_root: Path | None) -> str:
-    """The image as found (absolute); `convert` makes it relative to the manifest's folder where that resolves."""
-    return str(path.resolve())
+    """The image as found (absolute, symbolic links kept); `convert` writes it relative to where it is looked up."""
+    return os.path.abspath(path)
 
 
-def _reference(image: str, manifest_dir: Path, relative: bool) -> str:
-    """What the manifest says: relative to its own folder (as extraction resolves it) when asked and possible."""
-    path = Path(image)
-    return str(path.relative_to(manifest_dir)) if relative and path.is_relative_to(manifest_dir) else image
+def _reference(image: str, manifest_dir: Path, image_root: Path | None) -> str | None:
+    """What the manifest says, so that it stays valid when moved together with its images: the path relative to
+    `image_root` (what `features extract --image-root` and a data source's `image_root` resolve against), else
+    relative to the manifest's own folder. None when the image lies outside `image_root`."""
+    base = os.path.abspath(image_root or manifest_dir)
+    relative = os.path.relpath(image, base)
+    if image_root is not None and relative.split(os.sep)[0] == os.pardir:
+        return None
+    return relative
 
 
 def cc_sbu_align(src: Path, image_root: Path | None) -> Converted:
@@ -148,7 +153,9 @@ class ConvertSummary:
 
 
 def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> ConvertSummary:
-    """Convert `src` in format `fmt` into the manifest `out`; bad entries go to `<out>.rejects.jsonl`."""
+    """Convert `src` in format `fmt` into the manifest `out`; bad entries go to `<out>.rejects.jsonl`. Image paths
+    are written relative to `image_root` when given (LLaVA's relative paths are read from there too), else to the
+    manifest's folder."""
     if fmt not in CONVERTERS:
         raise UnknownNameError("data format", fmt, CONVERTERS)
     if not src.exists():
@@ -171,7 +178,11 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
                     rejects.add(where, result)
                 else:
                     if isinstance(result.get("image"), str):
-                        result["image"] = _reference(result["image"], out.parent.resolve(), image_root is not None)
+                        reference = _reference(result["image"], out.parent, image_root)
+                        if reference is None:
+                            rejects.add(where, f"image {result['image']} is not under --image-root {image_root}")
+                            continue
+                        result["image"] = reference
                     writer.write(result)
                     written += 1
         rejects.close()

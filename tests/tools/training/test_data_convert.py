@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from align.errors import AlignError
 from align.templates import conversation_from_record
 from align.tools.training.data_convert import convert
 
@@ -22,7 +23,8 @@ def test_cc_sbu_align(tmp_path):
     summary = convert("cc_sbu_align", src, tmp_path / "m.jsonl")
     assert (summary.written, summary.rejected) == (1, 1)
     [record] = records(tmp_path / "m.jsonl")
-    assert record == {"image": str((src / "image" / "2.jpg").resolve()), "caption": "A dog."}
+    # Relative to the manifest's folder: the manifest and its images move together.
+    assert record == {"image": "cc_sbu_align/image/2.jpg", "caption": "A dog."}
 
 
 def test_minigpt4qwen_single_and_lists_keep_chinese(tmp_path):
@@ -66,7 +68,8 @@ def test_cli_unknown_format_is_one_line(tmp_path):
     assert result.returncode == 2 and "unknown data format 'llava2'. Did you mean 'llava'?" in result.stderr
 
 
-def test_llava_images_under_an_image_root_elsewhere_resolve_from_the_manifest(tmp_path):
+def test_image_paths_are_written_relative_to_the_image_root_or_the_manifests_folder(tmp_path):
+    # --image-root was ignored (absolute paths written): a manifest moved with its images broke.
     from align.tools.manifest import resolve_image
 
     (tmp_path / "images").mkdir()
@@ -76,7 +79,18 @@ def test_llava_images_under_an_image_root_elsewhere_resolve_from_the_manifest(tm
     out = tmp_path / "manifests" / "l.jsonl"
     convert("llava", tmp_path / "llava.json", out, image_root=tmp_path / "images")
     [record] = records(out)
-    assert resolve_image(record["image"], out, None) == (tmp_path / "images" / "x.jpg").resolve()
+    assert record["image"] == "x.jpg"
+    assert resolve_image(record["image"], out, tmp_path / "images") == (tmp_path / "images" / "x.jpg").resolve()
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "x.jpg").write_bytes(b"jpg")
+    convert("llava", tmp_path / "llava.json", out)  # LLaVA's paths start beside its json; written from the manifest
+    [record] = records(out)
+    assert record["image"] == "../x.jpg" and resolve_image(record["image"], out, None) == tmp_path / "x.jpg"
+    src = tmp_path / "cc"
+    (src / "image").mkdir(parents=True)
+    (src / "filter_cap.json").write_text(json.dumps({"annotations": [{"image_id": "2", "caption": "A dog."}]}))
+    with pytest.raises(AlignError, match="nothing to convert.*image PATH is not under --image-root PATH"):
+        convert("cc_sbu_align", src, tmp_path / "m.jsonl", image_root=tmp_path / "pictures")
 
 
 def test_convert_never_writes_over_its_input_nor_leaves_a_partial_manifest(tmp_path):
