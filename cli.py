@@ -455,9 +455,12 @@ def plan(
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     for p in plans:
         table.add_row(p.stage, str(p.micro_batch), str(p.tokens), gib(p.weights), gib(p.activations), gib(p.logits),
-                      gib(p.projector + p.overhead), gib(p.total), "yes" if p.fits else "NO",
+                      gib(p.projector + p.overhead), gib(p.total),
+                      "yes" if p.fits else ("NO (batch split)" if p.split_problem else "NO"),
                       str(p.largest_micro_batch or "none"))
     console.print(table)
+    if split := [p.split_problem for p in plans if p.split_problem]:
+        raise AlignError(f"{'; '.join(split)}: choose a micro_batch_size that does (largest that fits shown)")
     if not all(p.fits for p in plans):
         raise AlignError(f"does not fit {gpu_memory:g} GB per GPU: lower micro_batch_size (largest that fits shown), "
                          "or enable runtime.gradient_checkpointing, quantization or zero_stage 3")

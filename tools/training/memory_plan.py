@@ -120,6 +120,7 @@ class StagePlan:
     overhead: int
     fits: bool = True
     largest_micro_batch: int = 0
+    split_problem: str | None = None  # why the global batch cannot be split into these micro-batches on the GPUs
 
     @property
     def total(self) -> int:
@@ -131,6 +132,20 @@ class StagePlan:
         return {**asdict(self),
                 **{f"{k}_gib": round(getattr(self, k) / GIB, 2)
                    for k in ("weights", "activations", "logits", "projector", "overhead", "total")}}
+
+
+QFORMER_WIDTH = 768  # BLIP-2's Q-Former output width: the projector's input when no store says otherwise
+
+
+def projector_parameters(kind: str, in_features: int, hidden: int) -> int:
+    """The parameters of a projector of `kind` from `in_features` to the LLM's `hidden` width (built on the meta
+    device: no memory)."""
+    import torch
+
+    from align.adapters.projector import build_projector
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_projector(kind, in_features, hidden).parameters())
 
 
 def plan_stage(shape: LLMShape, stage: Stage, recipe: Recipe, in_features: int, gpus: int, micro: int,
@@ -151,22 +166,29 @@ def plan_stage(shape: LLMShape, stage: Stage, recipe: Recipe, in_features: int, 
     else:
         activations = int(tokens * shape.layers * per_layer * scale)
     logits = tokens * shape.vocab * 10
-    projector_parameters = in_features * shape.hidden + shape.hidden
     optimizer_share = gpus if runtime.zero_stage >= 1 else 1
-    projector = projector_parameters * (8 + math.ceil(8 / optimizer_share))
+    projector = projector_parameters(recipe.projector, in_features, shape.hidden) * (8 + math.ceil(8 / optimizer_share))
     overhead = CUDA_CONTEXT + int(FRAGMENTATION * (activations + logits))
     plan = StagePlan(stage.name, micro, tokens, weights, activations, logits, projector, overhead)
-    plan.fits = plan.total <= budget
+    plan.split_problem = stage.model_copy(update={"micro_batch_size": micro}).split_problem(gpus)
+    plan.fits = plan.total <= budget and plan.split_problem is None
     return plan
 
 
 def plan_recipe(path: Path | str, overrides: list[str] = (), *, gpu_memory_gb: float = 24.0, gpus: int = 1,
-                in_features: int = 768) -> list[StagePlan]:
-    """Every stage's plan for GPUs of `gpu_memory_gb`, with the largest micro-batch that fits (0: none does)."""
+                in_features: int | None = None) -> list[StagePlan]:
+    """Every stage's plan for GPUs of `gpu_memory_gb`, with the largest micro-batch that fits (0: none does). The
+    projector's input width is `in_features`, else the recipe's feature store's, else BLIP-2's Q-Former width."""
     from align.backbones.model_dir import model_config
     from align.backbones.registry import get_backbone
+    from align.tools.feature_store import FeatureStore
 
     recipe = load_recipe(path, list(overrides))
+    if in_features is None:
+        try:
+            in_features = FeatureStore.read_meta(recipe.features)["row_shape"][-1]
+        except AlignError:  # not extracted yet
+            in_features = QFORMER_WIDTH
     spec = get_backbone(recipe.backbone.name)
     model = recipe.backbone.model or (Path(spec.model_path) if spec.model_path else None)
     if model is not None and (Path(model) / "config.json").is_file():
@@ -180,8 +202,7 @@ def plan_recipe(path: Path | str, overrides: list[str] = (), *, gpu_memory_gb: f
     for stage in recipe.stages:
         plan = plan_stage(shape, stage, recipe, in_features, gpus, stage.micro_batch_size, budget)
         # Micro-batches that split the global batch over the GPUs, largest first.
-        per_gpu = max(1, stage.global_batch_size // gpus)
-        sizes = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
+        sizes = [m for m in range(stage.global_batch_size // gpus, 0, -1) if stage.global_batch_size % (m * gpus) == 0]
         plan.largest_micro_batch = next(
             (m for m in sizes if plan_stage(shape, stage, recipe, in_features, gpus, m, budget).fits), 0)
         plans.append(plan)

@@ -39,6 +39,28 @@ def test_a_stage_by_hand():
     assert zero3.projector == 40 * (8 + 4)  # Adam's moments partitioned over two GPUs
 
 
+def test_the_projector_term_counts_the_recipes_projector_kind():
+    # mlp2x_gelu (768 → 4096 → 4096) was counted as a linear 768 → 4096: about 270 MB short with Adam.
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["projector=mlp2x_gelu"])
+    plan = plan_stage(SMALL, recipe.stages[0], recipe, in_features=4, gpus=1, micro=2, budget=10**12)
+    assert plan.projector == ((4 * 8 + 8) + (8 * 8 + 8)) * 16
+    wide = LLMShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+    linear = plan_stage(wide, recipe.stages[0], recipe.model_copy(update={"projector": "linear"}), 768, 1, 1, 10**12)
+    mlp = plan_stage(wide, recipe.stages[0], recipe, 768, 1, 1, 10**12)
+    assert mlp.projector - linear.projector == (4096 * 4096 + 4096) * 16  # the second layer, with Adam: 269 MB
+
+
+def test_a_micro_batch_the_global_batch_cannot_split_into_over_the_gpus_does_not_fit(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stages.caption.global_batch_size=12",
+                                                            "stages.caption.micro_batch_size=4"])
+    plan = plan_stage(SMALL, recipe.stages[0], recipe, 4, 2, 4, 10**12)
+    assert not plan.fits and "does not split into micro-batches of 4 over 2" in plan.split_problem
+    assert plan_stage(SMALL, recipe.stages[0], recipe, 4, 2, 2, 10**12).fits
+    out = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml", "--gpus", "3")
+    assert out.returncode == 2 and "does not split into micro-batches" in out.stderr, out.stderr
+    assert "NO (batch split)" in out.stdout
+
+
 def test_shapes_from_config_json():
     qwen1 = shape_from_config({"model_type": "qwen", "hidden_size": 4096, "num_attention_heads": 32,
                                "intermediate_size": 22016, "num_hidden_layers": 32, "vocab_size": 151936})
