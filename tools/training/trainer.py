@@ -168,7 +168,7 @@ class Stats:
 # -- data ----------------------------------------------------------------------------------------------------------
 
 
-def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
+def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False) -> StageData:
     """Build (one process per node, or rank 0 alone when the folder is shared) or reuse the stage's render cache,
     then open it on every rank."""
     settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
@@ -193,7 +193,9 @@ def stage_data(run: Run, stage: Stage, show_progress: bool) -> StageData:
     run.ranks.barrier()
     cache = RenderCache(root / name)
     stage_dir = run.recipe.runtime.output_dir / stage.name
-    if run.main:
+    if run.main and not (resume and (stage_dir / REJECTS).is_file()):
+        # A resumed stage keeps its log: the cache's rejects are in it already, and so are the samples found
+        # broken while it trained.
         stage_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
     if len(cache) == 0:
@@ -511,7 +513,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     adapter_dir = stage_dir / ADAPTER_DIR
     if resume and run.ranks.decide(lambda: (stage_dir / STAGE_DONE).is_file()):
         return adapter_dir
-    data = stage_data(run, stage, show_progress)
+    data = stage_data(run, stage, show_progress, resume)
     total = stage.epochs * data.steps_per_epoch
     engine, scheduler = make_engine(run, stage, previous, total)
     checkpoints = stage_dir / CHECKPOINTS

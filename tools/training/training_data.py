@@ -22,8 +22,9 @@ def prompted(record: dict, prompt: str | None) -> dict:
         return record
     if IMAGE_MARKER not in prompt:
         prompt = f"{IMAGE_MARKER} {prompt}"
-    return {"image": record.get("image", record.get("images")), "conversations": [
+    conversation = {"image": record.get("image", record.get("images")), "conversations": [
         {"from": "human", "value": prompt}, {"from": "gpt", "value": record["caption"]}]}
+    return conversation | ({"system": record["system"]} if "system" in record else {})
 
 
 def training_conversation(record: dict) -> Conversation:

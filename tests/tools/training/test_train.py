@@ -287,7 +287,8 @@ def test_an_output_folder_holding_a_run_is_refused_unless_resumed_or_overwritten
         train(workspace["recipe"], output=workspace["run"].parent / "file", overrides=sets, show_progress=False)
 
 
-def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tmp_path):
+def store_with_a_nan_row(workspace, tmp_path) -> list[str]:
+    """A copy of the workspace's store whose row of 3.png holds NaN; the --set overrides that train on it."""
     import numpy as np
 
     from align.tools.feature_store import FeatureStore
@@ -300,7 +301,11 @@ def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tm
     rows = np.fromfile(shard, dtype=np.float16).reshape(-1, *store.row_shape)
     rows[location.row, :, 0, 0] = np.nan  # every view, after the checksums were written: only training can notice
     rows.tofile(shard)
-    sets = [s for s in workspace["sets"] if not s.startswith("features=")] + [f"features={features}"]
+    return [s for s in workspace["sets"] if not s.startswith("features=")] + [f"features={features}"]
+
+
+def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tmp_path):
+    sets = store_with_a_nan_row(workspace, tmp_path)
     outcome = train(workspace["recipe"], overrides=sets + ["stages.caption.epochs=2", "stages.chat.epochs=1"],
                     show_progress=False)
     assert all(torch.isfinite(t).all() for a in outcome.adapters for t in adapter_weights(a).values())
@@ -309,6 +314,17 @@ def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tm
     rejects = (workspace["run"] / "caption" / "rejects.jsonl").read_text()
     assert "non-finite features in the feature store" in rejects and "captions.jsonl:4" in rejects
     assert all(m["loss"] == m["loss"] for m in metrics(workspace["run"]))  # never NaN
+
+
+def test_samples_found_broken_before_an_interruption_stay_in_the_rejects(workspace, tmp_path, monkeypatch):
+    # A resumed stage copied the render cache's rejects over its log, losing the muted samples logged before.
+    sets = store_with_a_nan_row(workspace, tmp_path) + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
+    cut = workspace["run"] / "cut"
+    train_until_ctrl_c(workspace, monkeypatch, 8, output=cut, overrides=sets)  # during the stage's last step (of 4)
+    assert "non-finite" in (cut / "caption" / "rejects.jsonl").read_text()
+    train(workspace["recipe"], output=cut, resume=True, overrides=sets, show_progress=False)
+    lines = (cut / "caption" / "rejects.jsonl").read_text().splitlines()
+    assert sum("non-finite" in line for line in lines) == 1
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workspace, monkeypatch, capsys):

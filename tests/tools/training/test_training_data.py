@@ -120,6 +120,13 @@ def test_a_damaged_render_cache_is_built_again(workspace, tmp_path, capsys):
     assert RenderCache(path).samples(np.arange(3), epoch=0) == expected
 
 
+def test_a_prompted_caption_record_keeps_its_system_text():
+    record = prompted({"image": "x.png", "caption": "a red picture", "system": "You describe pictures."}, "Describe.")
+    conversation = training_conversation(record)
+    assert conversation.system == "You describe pictures."
+    assert [m.text for m in conversation.messages] == ["<image> Describe.", "a red picture"]
+
+
 def test_caption_cut_to_fit_keeps_eos_and_never_an_image(workspace):
     spec = get_backbone("tiny-llama")
     tokenizer = backbone_tokenizer(spec, workspace["llama"])
