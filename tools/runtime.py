@@ -85,6 +85,18 @@ class Ranks:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Counts by name (rejects by reason, say) summed over ranks; every rank gets the total."""
+        if self.world == 1:
+            return dict(counts)
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, dict(counts))
+        total: dict[str, int] = {}
+        for one in everyone:
+            for name, count in one.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over ranks."""
         if self.world == 1:

@@ -156,7 +156,7 @@ def extract_features(
         summary.extracted, summary.duplicates, summary.rejected = total
         summary.images_seen = len(paths)
         summary.already_in_store = len(paths) - len(pending)
-        summary.reject_reasons = dict(rejects.counts) if ranks.world == 1 else {}
+        summary.reject_reasons = ranks.sum_counts(rejects.counts)
         store = FeatureStore.open(out)  # every rank's shards
         if ranks.rank == 0:
             store.write_count()

@@ -178,11 +178,11 @@ def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
 
 def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
-    single = cli_extract(manifest, tiny_blip2[1], tmp_path / "one")
+    single = cli_extract(manifest, tiny_blip2[1], tmp_path / "one", "--json")
     assert single.returncode == 0, single.stderr
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     args = ["features", "extract", "--manifest", manifest, "--encoder", tiny_blip2[1], "--out", tmp_path / "two",
-            "--batch-size", "2", "--workers", "0", "--max-pixels", "100000"]
+            "--batch-size", "2", "--workers", "0", "--max-pixels", "100000", "--json"]
     two = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "align", *map(str, args)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
@@ -192,6 +192,9 @@ def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     assert writers == {"r0", "r1"}
     assert_same_contents(FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two"), atol=2e-3)
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["count"] == 10
+    # The reasons of every rank's rejects are reported (world > 1 reported none).
+    reasons = json.loads(single.stdout)["reject_reasons"]
+    assert reasons and json.loads(two.stdout)["reject_reasons"] == reasons
 
 
 def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
