@@ -153,24 +153,27 @@ def render(
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the added backbone's).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate to this many tokens (whole turns).")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="One row per token instead of the text view.")] = False,
-    query_tokens: Annotated[int, typer.Option(min=1, help="Image slots per image: your encoder's query count "
-                                              "(BLIP-2: 32; `align features info` shows a store's).")] = 32,
-    as_json: JsonFlag = False,
+    template: Annotated[Optional[str], typer.Option(help="Render in this template, as a stage that names it trains (e.g. caption, minigpt4-caption); default: the backbone's.")] = None,
+    encoder: Annotated[Optional[Path], typer.Option(help="Encoder directory whose query count gives the image slots.")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Feature store whose rows give the image slots.")] = None,
+    query_tokens: Annotated[Optional[int], typer.Option(min=1, help="Image slots per image (default: from --encoder or --features, else BLIP-2's 32).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the rendering as one object; with --manifest, one JSON object per record (JSON Lines), then the summary.")] = False,
 ) -> None:
     """Show what the model sees: ids, learnt tokens and image slots for one conversation, or a whole manifest."""
-    from align.tools.training.render_view import readable, render_file, render_manifest, token_table
+    from align.tools.training.render_view import query_count, readable, render_file, render_manifest, token_table
 
     if (conversation is None) == (manifest is None):
         raise AlignError("give --conversation FILE or --manifest M.jsonl")
+    query_tokens = query_count(query_tokens, encoder, features)
     if manifest is not None:
         emit = (lambda row: print(json.dumps(row), flush=True)) if as_json else None
-        summary = render_manifest(name, manifest, model, max_length, emit, query_tokens)
+        summary = render_manifest(name, manifest, model, max_length, emit, query_tokens, template)
         if as_json:
             print(json.dumps({"summary": summary}))
         else:
             _print_record(summary, as_json=False)
         return
-    spec, tokenizer, rendered = render_file(name, conversation, model, max_length, query_tokens)
+    spec, tokenizer, rendered = render_file(name, conversation, model, max_length, query_tokens, template)
     if as_json:
         _print_json(rendered.as_json())
     elif tokens:

@@ -52,6 +52,22 @@ def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_
     assert json.loads(eight.stdout)["images"] == [[start, 8]]  # an encoder with 8 queries fills 8 slots
 
 
+def test_render_shows_a_stage_template_with_the_encoders_or_stores_slots(align_home, qwen_model_dir, tmp_path,
+                                                                         tiny_blip2, train_workspace):
+    assert run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home).returncode == 0
+    record = tmp_path / "caption.json"
+    record.write_text(json.dumps({"image": "x.png", "caption": "a red circle"}))
+    for source in (["--encoder", tiny_blip2[1]], ["--encoder", tiny_blip2[2]], ["--features", train_workspace["features"]]):
+        shown = run_align("render", "qwen-7b-chat", "--conversation", record, "--template", "caption", "--json",
+                          *source, home=align_home)
+        assert shown.returncode == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        assert data["text"].startswith("<ImageHere>") and "<|im_start|>" not in data["text"]  # stage 1's format
+        assert [length for _, length in data["images"]] == [4]  # the tiny encoder's 4 queries, not 32
+    unknown = run_align("render", "qwen-7b-chat", "--conversation", record, "--template", "captions", home=align_home)
+    assert unknown.returncode == 2 and "unknown template 'captions'" in unknown.stderr
+
+
 def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_model_dir, conversation_file):
     result = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir,
                    home=align_home)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from align.backbones.vision import blip2  # noqa: F401  (registers the BLIP-2 kind)
 from align.backbones.vision.blip2 import Encoder, default_compute_dtype, encode, save_encoder
-from align.backbones.vision.registry import EncoderError, load_encoder
+from align.backbones.vision.registry import EncoderError, encoder_query_count, load_encoder
 
 
 def export_encoder(source: Path | str, out: Path | str) -> Encoder:
@@ -16,5 +16,5 @@ def export_encoder(source: Path | str, out: Path | str) -> Encoder:
     return encoder
 
 
-__all__ = ["Encoder", "EncoderError", "default_compute_dtype", "encode", "export_encoder", "load_encoder",
-           "save_encoder"]
+__all__ = ["Encoder", "EncoderError", "default_compute_dtype", "encode", "encoder_query_count", "export_encoder",
+           "load_encoder", "save_encoder"]

@@ -33,6 +33,7 @@ BLIP2 = "blip2"
 FORMAT, FORMAT_VERSION = "align-blip2-encoder", 1
 ENCODER_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 LAVIS_VISION_FILE = "eva_vit_g.pth"
+BLIP2_QUERIES = 32  # the released BLIP-2's query count (transformers' Blip2Config default too)
 
 
 class BlipEncoder(nn.Module):
@@ -310,5 +311,14 @@ def encode(encoder: Encoder, pixels: np.ndarray, device: torch.device, batch_siz
     return torch.cat(outputs).reshape(n, v, *outputs[0].shape[1:]).to(torch.float16).numpy()
 
 
+def query_count(path: Path, meta: dict | None) -> int:
+    """The Q-Former's query count: align's export or an HF config.json says it; LAVIS releases are BLIP-2's 32."""
+    if meta is not None:
+        return int(meta["num_query_tokens"])
+    if (path / "config.json").is_file():
+        return int(read_json_object(path / "config.json", EncoderError).get("num_query_tokens", BLIP2_QUERIES))
+    return BLIP2_QUERIES
+
+
 register_encoder_kind(EncoderKind(BLIP2, load_export, detect_release,
-                                  f"config.json (HF BLIP-2) or {LAVIS_VISION_FILE} (LAVIS)"))
+                                  f"config.json (HF BLIP-2) or {LAVIS_VISION_FILE} (LAVIS)", query_count))

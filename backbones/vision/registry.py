@@ -21,6 +21,7 @@ class EncoderKind:
     load_export: Callable  # (directory, its encoder_config.json) → Encoder: align's own export of this kind
     detect: Callable  # directory → a loader for the kind's release layout found there, or None
     layouts: str  # the release layouts, for the error that lists what a directory may hold
+    query_count: Callable  # (directory, its encoder_config.json or None) → image slots per image, from configs alone
 
 
 _KINDS: dict[str, EncoderKind] = {}
@@ -34,9 +35,8 @@ def register_encoder_kind(kind: EncoderKind) -> EncoderKind:
     return kind
 
 
-def load_encoder(path: Path | str):
-    """The frozen encoder in `path`: align's export (by its `kind`), else a release layout some kind recognises."""
-    path = Path(path).expanduser()
+def _kind_of(path: Path) -> tuple[EncoderKind, dict | None]:
+    """The kind that reads `path`, and its encoder_config.json when it is align's export."""
     if not path.is_dir():
         raise EncoderError(f"encoder directory {path} does not exist")
     if (path / ENCODER_CONFIG).is_file():
@@ -44,10 +44,23 @@ def load_encoder(path: Path | str):
         name = meta.get("kind", "blip2")  # exports made before kinds existed are BLIP-2
         if name not in _KINDS:
             raise UnknownNameError("encoder kind", str(name), _KINDS)
-        return _KINDS[name].load_export(path, meta)
+        return _KINDS[name], meta
     for kind in _KINDS.values():
-        loader = kind.detect(path)
-        if loader is not None:
-            return loader(path)
+        if kind.detect(path) is not None:
+            return kind, None
     layouts = "; ".join(f"{kind.layouts} ({kind.name})" for kind in _KINDS.values())
     raise EncoderError(f"{path} is not an encoder: expected {ENCODER_CONFIG} (align export), or {layouts}")
+
+
+def encoder_query_count(path: Path | str) -> int:
+    """How many image slots the encoder in `path` fills per image, read from its configs (no weights loaded)."""
+    path = Path(path).expanduser()
+    kind, meta = _kind_of(path)
+    return kind.query_count(path, meta)
+
+
+def load_encoder(path: Path | str):
+    """The frozen encoder in `path`: align's export (by its `kind`), else a release layout some kind recognises."""
+    path = Path(path).expanduser()
+    kind, meta = _kind_of(path)
+    return kind.load_export(path, meta) if meta is not None else kind.detect(path)(path)

@@ -39,15 +39,31 @@ def read_record(path: Path) -> dict:
             raise AlignError(f"{path} is not a JSON conversation record: {exc}") from None
 
 
+def query_count(explicit: int | None = None, encoder: Path | None = None, store: Path | None = None) -> int:
+    """Image slots per image: as given, else the encoder's query count, else the feature store's rows', else
+    BLIP-2's 32."""
+    if explicit is not None:
+        return explicit
+    if encoder is not None:
+        from align.backbones.vision import encoder_query_count
+
+        return encoder_query_count(encoder)
+    if store is not None:
+        from align.tools.feature_store import FeatureStore
+
+        return int(FeatureStore.read_meta(store)["row_shape"][1])
+    return DEFAULT_QUERY_TOKENS
+
+
 def render_file(
     name: str, conversation: Path, model: Path | None = None, max_length: int | None = None,
-    query_tokens: int = DEFAULT_QUERY_TOKENS,
+    query_tokens: int = DEFAULT_QUERY_TOKENS, template: str | None = None,
 ) -> tuple[BackboneSpec, TextTokenizer, Rendered]:
-    """Render the record in `conversation` for backbone `name`."""
+    """Render the record in `conversation` for backbone `name` (in `template`, default the backbone's)."""
     spec = get_backbone(name)
     tokenizer = backbone_tokenizer(spec, model)
     record = conversation_from_record(read_record(conversation))
-    template = template_for(spec, tokenizer, model=model)
+    template = template_for(spec, tokenizer, name=template, model=model)
     rendered = render(template, record, tokenizer, system=spec.system, max_length=max_length,
                       num_query_tokens=query_tokens)
     return spec, tokenizer, rendered
@@ -55,13 +71,14 @@ def render_file(
 
 def render_manifest(
     name: str, manifest: Path, model: Path | None = None, max_length: int | None = None,
-    emit: Callable[[dict], None] | None = None, query_tokens: int = DEFAULT_QUERY_TOKENS,
+    emit: Callable[[dict], None] | None = None, query_tokens: int = DEFAULT_QUERY_TOKENS, template: str | None = None,
 ) -> dict:
-    """Render every record of a manifest as training would; `emit` gets `{"line", "input_ids", "labels", "images"}`
-    or `{"line", "reject"}` per record. Returns the summary: counts, supervised tokens, lengths, rejects by reason."""
+    """Render every record of a manifest as training would (in `template`, default the backbone's); `emit` gets
+    `{"line", "input_ids", "labels", "images"}` or `{"line", "reject"}` per record. Returns the summary: counts,
+    supervised tokens, lengths, rejects by reason."""
     spec = get_backbone(name)
     tokenizer = backbone_tokenizer(spec, model)
-    template = template_for(spec, tokenizer, model=model)
+    template = template_for(spec, tokenizer, name=template, model=model)
     lengths: list[int] = []
     supervised = 0
     reasons: Counter[str] = Counter()
