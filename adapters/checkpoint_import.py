@@ -7,6 +7,7 @@ import torch
 
 from align.adapters.adapter_files import AdapterConfig, AdapterError, save_adapter
 from align.backbones.spec import BackboneSpec
+from align.named import Registry
 from align.templates.render import DEFAULT_QUERY_TOKENS
 
 
@@ -19,10 +20,10 @@ class CheckpointKind:
     backbones: tuple[str, ...]
 
 
-KINDS = {
-    "minigpt4": CheckpointKind("minigpt4", "llama_proj.", ("vicuna-7b-v0", "vicuna-13b-v0")),
-    "minigpt4qwen": CheckpointKind("minigpt4qwen", "llm_proj.", ("qwen-7b-chat",)),
-}
+KINDS: Registry[CheckpointKind] = Registry("checkpoint import kind")
+for _kind in (CheckpointKind("minigpt4", "llama_proj.", ("vicuna-7b-v0", "vicuna-13b-v0")),
+              CheckpointKind("minigpt4qwen", "llm_proj.", ("qwen-7b-chat",))):
+    KINDS.register(_kind.name, _kind)
 
 
 def _state_dict(path: Path) -> dict:
@@ -44,7 +45,7 @@ def _state_dict(path: Path) -> dict:
 def import_checkpoint(kind_name: str, path: Path, spec: BackboneSpec, out: Path, *, overwrite: bool = False) -> Path:
     """Write `out` as an adapter holding the checkpoint's projector, after checking it fits `spec`; an existing
     `out` is replaced only when `overwrite`."""
-    kind = KINDS[kind_name]
+    kind = KINDS.get(kind_name)
     if Path(out).exists() and not overwrite:
         raise AdapterError(f"{out} already exists; pass --overwrite to replace it")
     if spec.name not in kind.backbones:

@@ -4,21 +4,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from align.errors import DuplicateNameError, UnknownNameError
+from align.named import Registry
 
-_PROJECTORS: dict[str, Callable[[int, int], nn.Module]] = {}
+_PROJECTORS: Registry[Callable[[int, int], nn.Module]] = Registry("projector")
 
 
 def register_projector(name: str):
     """Register a projector builder `(in_features, out_features) -> nn.Module` under an exact name."""
-
-    def add(builder: Callable[[int, int], nn.Module]):
-        if name in _PROJECTORS:
-            raise DuplicateNameError(f"projector '{name}' is already registered")
-        _PROJECTORS[name] = builder
-        return builder
-
-    return add
+    return lambda builder: _PROJECTORS.register(name, builder)
 
 
 @register_projector("linear")
@@ -35,12 +28,9 @@ def mlp2x_gelu(in_features: int, out_features: int) -> nn.Module:
 
 def projector_names() -> list[str]:
     """Every registered projector kind."""
-    return sorted(_PROJECTORS)
+    return _PROJECTORS.names()
 
 
 def build_projector(kind: str, in_features: int, out_features: int) -> nn.Module:
     """A freshly initialised projector of `kind`."""
-    try:
-        return _PROJECTORS[kind](in_features, out_features)
-    except KeyError:
-        raise UnknownNameError("projector", kind, _PROJECTORS) from None
+    return _PROJECTORS.get(kind)(in_features, out_features)

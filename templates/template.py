@@ -3,7 +3,8 @@
 from collections.abc import Mapping
 from typing import ClassVar
 
-from align.errors import DuplicateNameError, TemplateError, UnknownNameError
+from align.errors import TemplateError, UnknownNameError
+from align.named import Registry
 from align.templates.conversation import Conversation, ImageItem, Message
 from align.templates.segments import Image, Segment, Text
 
@@ -82,25 +83,19 @@ class Template:
             raise TemplateError(f"template '{self.name}' has no system role; remove the system text")
 
 
-_TEMPLATES: dict[str, Template] = {}
+_TEMPLATES: Registry[Template] = Registry("template")
 
 
 def register_template(template: Template) -> Template:
     """Add a template under its exact name; a duplicate name is an error."""
-    if template.name in _TEMPLATES:
-        raise DuplicateNameError(f"template '{template.name}' is already registered")
     if template.name != template.name.lower():
         raise ValueError(f"template names are lower-case: {template.name!r}")
-    _TEMPLATES[template.name] = template
-    return template
+    return _TEMPLATES.register(template.name, template)
 
 
 def get_template(name: str) -> Template:
     """The template registered under exactly `name`."""
-    try:
-        return _TEMPLATES[name]
-    except KeyError:
-        raise UnknownNameError("template", name, _TEMPLATES) from None
+    return _TEMPLATES.get(name)
 
 
 def check_template_name(name: str) -> None:
@@ -111,4 +106,4 @@ def check_template_name(name: str) -> None:
 
 def template_names() -> list[str]:
     """Every registered template name, sorted."""
-    return sorted(_TEMPLATES)
+    return _TEMPLATES.names()

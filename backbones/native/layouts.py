@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
-from align.errors import BackboneError, DuplicateNameError
+from align.errors import BackboneError
+from align.named import Registry
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,14 @@ class NativeLayout:
         return native
 
 
-_LAYOUTS: dict[str, NativeLayout] = {}
+_LAYOUTS: Registry[NativeLayout] = Registry("checkpoint layout")
 
 
 def register_layout(layout: NativeLayout) -> NativeLayout:
     """Add a layout; a duplicate name is an error. Its weight mapping is registered for its model type alone."""
-    if layout.name in _LAYOUTS:
-        raise DuplicateNameError(f"checkpoint layout '{layout.name}' is already registered")
+    _LAYOUTS.register(layout.name, layout)
     if layout.weight_mapping is not None:
         register_checkpoint_conversion_mapping(layout.loading_class.config_class.model_type, layout.weight_mapping())
-    _LAYOUTS[layout.name] = layout
     return layout
 
 

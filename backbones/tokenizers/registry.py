@@ -4,7 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.errors import DuplicateNameError, TokenizerError, UnknownNameError
+from align.errors import TokenizerError
+from align.named import Registry
 from align.templates.text_tokenizer import TextTokenizer
 
 PadRule = str | int | None  # the pad token (string or id) to use when the tokenizer defines none
@@ -19,28 +20,22 @@ class TokenizerKind:
     load: Callable[[Path, PadRule], TextTokenizer]
 
 
-_KINDS: dict[str, TokenizerKind] = {}
+_KINDS: Registry[TokenizerKind] = Registry("tokenizer kind")
 
 
 def register_tokenizer_kind(kind: TokenizerKind) -> TokenizerKind:
     """Add a tokenizer kind; a duplicate name is an error."""
-    if kind.name in _KINDS:
-        raise DuplicateNameError(f"tokenizer kind '{kind.name}' is already registered")
-    _KINDS[kind.name] = kind
-    return kind
+    return _KINDS.register(kind.name, kind)
 
 
 def tokenizer_kind(name: str) -> TokenizerKind:
     """The tokenizer kind registered under exactly `name`."""
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise UnknownNameError("tokenizer kind", name, _KINDS) from None
+    return _KINDS.get(name)
 
 
 def tokenizer_kind_names() -> list[str]:
     """Every registered tokenizer kind, sorted."""
-    return sorted(_KINDS)
+    return _KINDS.names()
 
 
 def detect_tokenizer_kind(model_dir: Path) -> str:

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.constants import ENCODER_CONFIG
-from align.errors import AlignError, DuplicateNameError, UnknownNameError
+from align.errors import AlignError
+from align.named import Registry
 from align.files import read_json_object
 
 
@@ -24,15 +25,12 @@ class EncoderKind:
     query_count: Callable  # (directory, its encoder_config.json or None) → image slots per image, from configs alone
 
 
-_KINDS: dict[str, EncoderKind] = {}
+_KINDS: Registry[EncoderKind] = Registry("encoder kind")
 
 
 def register_encoder_kind(kind: EncoderKind) -> EncoderKind:
     """Add an encoder kind; a duplicate name is an error."""
-    if kind.name in _KINDS:
-        raise DuplicateNameError(f"encoder kind '{kind.name}' is already registered")
-    _KINDS[kind.name] = kind
-    return kind
+    return _KINDS.register(kind.name, kind)
 
 
 def _kind_of(path: Path) -> tuple[EncoderKind, dict | None]:
@@ -41,10 +39,7 @@ def _kind_of(path: Path) -> tuple[EncoderKind, dict | None]:
         raise EncoderError(f"encoder directory {path} does not exist")
     if (path / ENCODER_CONFIG).is_file():
         meta = read_json_object(path / ENCODER_CONFIG, EncoderError)
-        name = meta.get("kind", "blip2")  # exports made before kinds existed are BLIP-2
-        if name not in _KINDS:
-            raise UnknownNameError("encoder kind", str(name), _KINDS)
-        return _KINDS[name], meta
+        return _KINDS.get(meta.get("kind", "blip2")), meta  # exports made before kinds existed are BLIP-2
     for kind in _KINDS.values():
         if kind.detect(path) is not None:
             return kind, None

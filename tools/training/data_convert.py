@@ -8,7 +8,8 @@ from pathlib import Path
 
 import jsonlines
 
-from align.errors import AlignError, UnknownNameError
+from align.errors import AlignError
+from align.named import Registry
 from align.files import read_json_object
 from align.tools.rejects import RejectLog, rejects_path
 
@@ -134,12 +135,9 @@ def caption_folder(src: Path, image_root: Path | None) -> Converted:
         yield str(image), {"image": _image(image, image_root), "caption": caption.strip()}
 
 
-CONVERTERS: dict[str, Callable[[Path, Path | None], Converted]] = {
-    "cc_sbu_align": cc_sbu_align,
-    "minigpt4qwen": minigpt4qwen,
-    "llava": llava,
-    "caption_folder": caption_folder,
-}
+CONVERTERS: Registry[Callable[[Path, Path | None], Converted]] = Registry("data format")
+for _converter in (cc_sbu_align, minigpt4qwen, llava, caption_folder):
+    CONVERTERS.register(_converter.__name__, _converter)
 
 
 @dataclass(frozen=True)
@@ -156,8 +154,7 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
     """Convert `src` in format `fmt` into the manifest `out`; bad entries go to `<out>.rejects.jsonl`. Image paths
     are written relative to `image_root` when given (LLaVA's relative paths are read from there too), else to the
     manifest's folder."""
-    if fmt not in CONVERTERS:
-        raise UnknownNameError("data format", fmt, CONVERTERS)
+    converter = CONVERTERS.get(fmt)
     if not src.exists():
         raise AlignError(f"{src} does not exist")
     if out.is_dir():
@@ -173,7 +170,7 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
     rejects, written = RejectLog(partial_rejects), 0
     try:
         with jsonlines.open(partial, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
-            for where, result in CONVERTERS[fmt](src, image_root):
+            for where, result in converter(src, image_root):
                 if isinstance(result, str):
                     rejects.add(where, result)
                 else:
