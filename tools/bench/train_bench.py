@@ -27,7 +27,6 @@ import yaml
 from align.adapters.batch import pad_batch
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.registry import get_backbone
 from align.backbones.vision import default_compute_dtype, load_encoder
 from align.backbones.vision.preprocessing import eval_view
 from align.constants import STORE_SHARDS
@@ -35,12 +34,10 @@ from align.errors import AlignError
 from align.templates import IGNORE_INDEX
 from align.tools.bench.bench import RESULTS_DIR, device_name, write_result
 from align.tools.bench.bench_sizes import BenchSize, derive_workspace, get_size, registered
-from align.tools.feature_store import DTYPE, FeatureStore
+from align.tools.feature_store import DTYPE
 from align.tools.images import read_image
-from align.tools.runtime import local_device, start_ranks
-from align.tools.training.recipe import Stage, load_recipe
-from align.tools.training.trainer import (Run, StageData, autocast_dtype, load_run_llm, make_engine, stage_data,
-                                          train_step)
+from align.tools.training.recipe import load_recipe
+from align.tools.training.trainer import OpenStage, open_stage
 
 EVA_VIT_G_FLOPS = 0.53e12  # one 224² image through EVA ViT-g + Q-Former, forward
 REAL_LLM_PARAMETERS = 6.7e9  # a 7B LLM
@@ -95,21 +92,33 @@ class BenchData:
     the batches its steps take, in order."""
 
     workspace: Path
-    run: Run
-    stage: Stage
-    data: StageData
-    engine: object
+    align: OpenStage
     batches: list[list]
 
     @property
     def device(self) -> torch.device:
         """Where the models run."""
-        return self.run.device
+        return self.align.run.device
 
     @property
     def autocast(self) -> torch.dtype | None:
         """As the trainer computes: under autocast to the recipe's precision unless fp32."""
-        return autocast_dtype(self.run.recipe.runtime.precision)
+        return self.align.autocast
+
+    @property
+    def data(self):
+        """The stage's data as align reads it."""
+        return self.align.data
+
+    @property
+    def stage(self):
+        """The stage as the recipe defines it."""
+        return self.align.stage
+
+    @property
+    def run(self):
+        """What align's run shares: the frozen LLM, the backbone, the store's row shape."""
+        return self.align.run
 
 
 def _prepare(workspace: Path, output: Path, steps: int, batch_size: int) -> BenchData:
@@ -119,14 +128,10 @@ def _prepare(workspace: Path, output: Path, steps: int, batch_size: int) -> Benc
     recipe = load_recipe(workspace / "recipe.yaml", [
         f"runtime.output_dir={output}", f"runtime.render_cache={workspace / 'render-cache'}",
         f"stages.{stage_name}.global_batch_size={batch_size}", f"stages.{stage_name}.micro_batch_size={batch_size}"])
-    stage = recipe.stages[0]
-    run = Run(recipe, start_ranks(always=True, deepspeed=True), local_device(), get_backbone(recipe.backbone.name),
-              FeatureStore.read_meta(recipe.features))
-    run.model = VisionLLM(load_run_llm(run), torch.nn.Identity())
-    data = stage_data(run, stage, False)
-    engine, _ = make_engine(run, stage, None, steps + 1)
+    align = open_stage(recipe, steps + 1)
+    data = align.data
     batches = [data.cache.samples(data.order.sample_ids(0, n % data.steps_per_epoch), 0) for n in range(steps)]
-    return BenchData(workspace, run, stage, data, engine, [sorted(b, key=lambda x: len(x.input_ids)) for b in batches])
+    return BenchData(workspace, align, [sorted(b, key=lambda x: len(x.input_ids)) for b in batches])
 
 
 def _time_steps(bench: BenchData) -> dict:
@@ -168,7 +173,7 @@ def _time_steps(bench: BenchData) -> dict:
 
     batches, max_length = bench.batches, bench.stage.max_length
     seconds = median_seconds({
-        "align": lambda n: train_step(bench.run, bench.stage, data, bench.engine, 0, n % data.steps_per_epoch),
+        "align": lambda n: bench.align.step(0, n % data.steps_per_epoch),
         "cached": lambda n: step(batches[n], cached_features(batches[n])),
         "in_loop": lambda n: step(batches[n], encoded_features(batches[n])),
         "padded": lambda n: step(batches[n], cached_features(batches[n]), max_length),

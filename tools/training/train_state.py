@@ -10,11 +10,16 @@ leaves the previous checkpoint as the latest. Nothing here is ever unpickled: a 
 
 The optimizer state is DeepSpeed's own state dict (partitioned by rank under ZeRO 1-3), flattened: tensors go to
 safetensors by path, everything else to JSON with dict keys and tuples kept as they were.
+
+`save_checkpoint` and `restore` take a run's engine to and from that layout: every rank writes its part, rank 0
+commits; on resume rank 0 picks the newest readable checkpoint and every rank loads its own part.
 """
 
 import json
 import random
 import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
+from align.tools.training.run import Run
 
 STATE = "state.json"
 
@@ -173,4 +179,104 @@ def prune(checkpoints: Path, keep: int, rank: int, main: bool) -> None:
         for folder in Path(checkpoints).glob("step*"):
             if not (folder / STATE).is_file() and folder.name[4:].isdigit() and int(folder.name[4:]) < steps[-1]:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- a run's engine ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """What a finished stage reports."""
+
+    applied: int = 0
+    skipped: list[int] = field(default_factory=list)
+    last_loss: float | None = None
+    muted: int = 0  # samples that learnt nothing because their features were not finite
+
+
+def projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full projector weights on every rank (gathered from ZeRO-3 partitions)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    context = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else nullcontext()
+    with context:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, stats: Stats) -> None:
+    """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
+    folder = step_dir(checkpoints, step)
+    projector = projector_state(engine, run.recipe.runtime.zero_stage)  # fp32: exact for fp16/bf16 weights too
+    state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    problem = None
+    try:
+        save_rank_state(folder, run.ranks.rank, state)
+    except OSError as exc:  # a full disk on one node must stop every rank, not leave the others waiting
+        problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
+    run.ranks.fail_together(problem, f"another rank could not write the checkpoint of step {step}")
+    if run.main:
+        commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
+                                    "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
+    run.ranks.barrier()
+    prune(checkpoints, run.recipe.runtime.keep_checkpoints, run.ranks.rank, run.main)
+
+
+def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]:
+    """Load the newest readable checkpoint (candidates chosen by rank 0) into the engine; returns its step and stats.
+    A damaged newest one (a full disk, a torn file) falls back to the one before, saying so."""
+    candidates = run.ranks.decide(lambda: committed_steps(checkpoints)[::-1])
+    if not candidates:
+        return 0, Stats()
+    problems = []
+    for step in candidates:
+        info = run.ranks.decide(lambda: _commit_or_none(checkpoints, step))
+        problem, state = None, None
+        if info is None:
+            problem = "its state.json is unreadable"
+        elif info["world"] != run.ranks.world:
+            raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} "
+                             f"process(es), this run has {run.ranks.world}; resume with as many")
+        else:
+            try:
+                state = load_rank_state(step_dir(checkpoints, step), run.ranks.rank)
+            except AlignError as exc:
+                problem = str(exc)
+        if run.ranks.all(problem is None):
+            if problems and run.main:
+                print(f"note: {'; '.join(problems)}; resuming from step {step}", flush=True)
+            load_state(run, engine, scheduler, state)
+            return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
+        problems.append(f"checkpoint step {step} is damaged ({problem or 'on another rank'})")
+    raise AlignError(f"{checkpoints}: no readable checkpoint ({'; '.join(problems)}); --overwrite starts over")
+
+
+def _commit_or_none(checkpoints: Path, step: int) -> dict | None:
+    try:
+        return read_commit(step_dir(checkpoints, step))
+    except AlignError:
+        return None
+
+
+def load_state(run: Run, engine, scheduler, state: dict) -> None:
+    """Put a rank's saved state into the engine (projector, DeepSpeed's optimizer), the schedule and the RNGs."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = run.recipe.runtime.zero_stage == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if gather else nullcontext():
+        engine.module.load_state_dict(state["projector"])
+    optimizer_state = state["optimizer"]
+    if run.recipe.runtime.zero_stage in (1, 2):
+        # DeepSpeed's ZeRO 1/2 optimizer takes every rank's list and picks its own entry.
+        listed = [None] * run.ranks.world
+        listed[run.ranks.rank] = optimizer_state
+        engine.optimizer.load_state_dict(listed, load_from_fp32_weights=True)
+    elif run.recipe.runtime.zero_stage == 3:
+        engine.optimizer.load_state_dict([optimizer_state], load_from_fp32_weights=True)
+    else:
+        engine.optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
 

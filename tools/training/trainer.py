@@ -3,6 +3,8 @@
 A stage runs in named steps: its data (the render cache and the order of global batches), its engine (the
 projector, its optimizer and schedule under DeepSpeed), resuming (align's own pickle-free training state), the
 optimizer steps, and finishing (adapter, summary). Every choice read from a file is taken on rank 0 and shared.
+Beside it: `run` (what stages share, a stage's data), `train_state` (checkpoints and resuming), `frozen_llm`
+(loading the frozen LLM, under ZeRO-3 partitioned), `output_folder` (holding the output folder, the resume check).
 
 The loss of a global batch is the sum of its supervised tokens' cross-entropy divided by their number over the
 whole global batch, so the adapter does not depend on the micro-batch size or the number of processes
@@ -13,13 +15,11 @@ import json
 import math
 import random
 import resource
-import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +31,18 @@ from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapt
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
 from align.backbones.dtypes import TORCH_DTYPES
-from align.backbones.llm import full_shape, load_frozen_llm, remote_code_opt_in
-from align.backbones.registry import backbone_tokenizer, get_backbone
-from align.backbones.spec import BackboneSpec
-from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, REJECTS, STAGE_DONE
-from align.errors import AlignError, SharedError
-from align.files import FolderLock, read_json_object, write_atomic
+from align.backbones.registry import get_backbone
+from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
+from align.errors import SharedError
+from align.files import write_atomic
 from align.templates import IGNORE_INDEX
-from align.tools.feature_store import FeatureStore, ShardRows
-from align.tools.rejects import RejectLog
+from align.tools.feature_store import FeatureStore
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
-from align.tools.training import train_state
-from align.tools.training.data_order import DataOrder
-from align.tools.training.recipe import Recipe, Stage, load_recipe, stage_by_name
-from align.tools.training.render_cache import RenderCache, build_cache, cache_root, render_workers, settings_for
+from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_torch_linear
+from align.tools.training.output_folder import check_resumed_recipe, claim_output
+from align.tools.training.recipe import Recipe, Stage, load_recipe
+from align.tools.training.run import Run, StageData, stage_data
+from align.tools.training.train_state import Stats, projector_state, restore, save_checkpoint
 from align.tools.training.training_data import collate
 
 
@@ -93,47 +91,6 @@ class StopOnInterrupt:
 
 
 @dataclass
-class Run:
-    """What every stage shares: recipe, ranks, backbone, store, frozen LLM, and whether ranks share the output."""
-
-    recipe: Recipe
-    ranks: Ranks
-    device: torch.device
-    spec: BackboneSpec
-    store_meta: dict
-    model: VisionLLM | None = None
-    shared_output: bool = True
-    llm_engine: object = None  # under ZeRO-3: the engine that partitions the frozen LLM
-
-    @property
-    def main(self) -> bool:
-        """True on the process that logs and writes adapters."""
-        return self.ranks.main
-
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        """[views, queries, width] of the store's rows."""
-        return tuple(self.store_meta["row_shape"])
-
-
-@dataclass
-class StageData:
-    """A stage's samples (the render cache), their order, and the store rows they point at."""
-
-    cache: RenderCache
-    order: DataOrder
-    rows: ShardRows
-    pad_id: int
-    template: str
-    rejects: RejectLog | None = None  # rank 0's: samples found broken while training
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one epoch."""
-        return self.order.steps_per_epoch
-
-
-@dataclass
 class StepTotals:
     """One optimizer step, summed over ranks."""
 
@@ -155,59 +112,7 @@ class StepTotals:
         return StepTotals(**{f: kinds[f](v) for f, v in zip(self.__dataclass_fields__, values.tolist())})
 
 
-@dataclass
-class Stats:
-    """What a finished stage reports."""
-
-    applied: int = 0
-    skipped: list[int] = field(default_factory=list)
-    last_loss: float | None = None
-    muted: int = 0  # samples that learnt nothing because their features were not finite
-
-
 # -- data ----------------------------------------------------------------------------------------------------------
-
-
-def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False) -> StageData:
-    """Build (one process per node, or rank 0 alone when the folder is shared) or reuse the stage's render cache,
-    then open it on every rank."""
-    settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
-    root = cache_root(run.recipe)
-
-    def build() -> str:
-        return build_cache(settings, root, render_workers(run.recipe), show_progress and run.main).name
-
-    if run.shared_output:
-        name = run.ranks.decide(build)  # rank 0 builds; its failure is every rank's
-    else:
-        # Each node's first process builds its own copy (the same key from the same inputs); a failure anywhere
-        # stops every rank rather than leaving the others waiting.
-        problem = None
-        if run.ranks.local_rank == 0:
-            try:
-                build()
-            except AlignError as exc:
-                problem = str(exc)
-        run.ranks.fail_together(problem, "the render cache could not be built on another node")
-        name = run.ranks.decide(build)  # already built: rank 0 only reads the name
-    run.ranks.barrier()
-    cache = RenderCache(root / name)
-    stage_dir = run.recipe.runtime.output_dir / stage.name
-    if run.main and not (resume and (stage_dir / REJECTS).is_file()):
-        # A resumed stage keeps its log: the cache's rejects are in it already, and so are the samples found
-        # broken while it trained.
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
-    if len(cache) == 0:
-        reasons = cache.meta["rejects_by_reason"]
-        raise SharedError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "
-                         f"(details in {stage_dir / REJECTS})")
-    order = DataOrder(cache.samples_per_source, [d.ratio for d in stage.data], stage.global_batch_size,
-                      run.recipe.runtime.seed, stage.steps_per_epoch)
-    rows = ShardRows(run.recipe.features, cache.meta["store_shards"], run.row_shape)
-    tokenizer = backbone_tokenizer(run.spec, Path(settings.model))
-    rejects = RejectLog(stage_dir / REJECTS) if run.main else None
-    return StageData(cache, order, rows, tokenizer.pad_id, cache.meta["template"], rejects)
 
 
 # -- engine --------------------------------------------------------------------------------------------------------
@@ -271,16 +176,6 @@ def make_engine(run: Run, stage: Stage, previous: Path | None, total: int):
     return engine, scheduler
 
 
-def projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full projector weights on every rank (gathered from ZeRO-3 partitions)."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    context = deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else nullcontext()
-    with context:
-        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-
-
 def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterConfig:
     """The metadata that binds this stage's projector to its backbone, template and encoder."""
     return AdapterConfig.for_backbone(
@@ -291,83 +186,6 @@ def adapter_config(run: Run, stage: Stage, step: int, template: str) -> AdapterC
 
 
 # -- resume --------------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, stats: Stats) -> None:
-    """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
-    folder = train_state.step_dir(checkpoints, step)
-    projector = projector_state(engine, run.recipe.runtime.zero_stage)  # fp32: exact for fp16/bf16 weights too
-    state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": train_state.rng_state()}
-    problem = None
-    try:
-        train_state.save_rank_state(folder, run.ranks.rank, state)
-    except OSError as exc:  # a full disk on one node must stop every rank, not leave the others waiting
-        problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
-    run.ranks.fail_together(problem, f"another rank could not write the checkpoint of step {step}")
-    if run.main:
-        train_state.commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
-                                    "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
-    run.ranks.barrier()
-    train_state.prune(checkpoints, run.recipe.runtime.keep_checkpoints, run.ranks.rank, run.main)
-
-
-def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]:
-    """Load the newest readable checkpoint (candidates chosen by rank 0) into the engine; returns its step and stats.
-    A damaged newest one (a full disk, a torn file) falls back to the one before, saying so."""
-    candidates = run.ranks.decide(lambda: train_state.committed_steps(checkpoints)[::-1])
-    if not candidates:
-        return 0, Stats()
-    problems = []
-    for step in candidates:
-        info = run.ranks.decide(lambda: _commit_or_none(checkpoints, step))
-        problem, state = None, None
-        if info is None:
-            problem = "its state.json is unreadable"
-        elif info["world"] != run.ranks.world:
-            raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} "
-                             f"process(es), this run has {run.ranks.world}; resume with as many")
-        else:
-            try:
-                state = train_state.load_rank_state(train_state.step_dir(checkpoints, step), run.ranks.rank)
-            except AlignError as exc:
-                problem = str(exc)
-        if run.ranks.all(problem is None):
-            if problems and run.main:
-                print(f"note: {'; '.join(problems)}; resuming from step {step}", flush=True)
-            load_state(run, engine, scheduler, state)
-            return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
-        problems.append(f"checkpoint step {step} is damaged ({problem or 'on another rank'})")
-    raise AlignError(f"{checkpoints}: no readable checkpoint ({'; '.join(problems)}); --overwrite starts over")
-
-
-def _commit_or_none(checkpoints: Path, step: int) -> dict | None:
-    try:
-        return train_state.read_commit(train_state.step_dir(checkpoints, step))
-    except AlignError:
-        return None
-
-
-def load_state(run: Run, engine, scheduler, state: dict) -> None:
-    """Put a rank's saved state into the engine (projector, DeepSpeed's optimizer), the schedule and the RNGs."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    gather = run.recipe.runtime.zero_stage == 3
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if gather else nullcontext():
-        engine.module.load_state_dict(state["projector"])
-    optimizer_state = state["optimizer"]
-    if run.recipe.runtime.zero_stage in (1, 2):
-        # DeepSpeed's ZeRO 1/2 optimizer takes every rank's list and picks its own entry.
-        listed = [None] * run.ranks.world
-        listed[run.ranks.rank] = optimizer_state
-        engine.optimizer.load_state_dict(listed, load_from_fp32_weights=True)
-    elif run.recipe.runtime.zero_stage == 3:
-        engine.optimizer.load_state_dict([optimizer_state], load_from_fp32_weights=True)
-    else:
-        engine.optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(state["scheduler"])
-    train_state.set_rng_state(state["rng"])
 
 
 # -- steps ---------------------------------------------------------------------------------------------------------
@@ -550,58 +368,35 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
 # -- a run ---------------------------------------------------------------------------------------------------------
 
 
-def frozen_llm_ds_config(run: Run) -> dict:
-    """DeepSpeed's ZeRO-3 settings for the frozen LLM: partitioned across ranks, gathered layer by layer."""
-    runtime = run.recipe.runtime
-    on_gpu = run.device.type == "cuda"
-    zero = {"stage": 3}
-    if runtime.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-            "bf16": {"enabled": runtime.precision == "bf16" and on_gpu},
-            "fp16": {"enabled": runtime.precision == "fp16" and on_gpu}, "steps_per_print": 10**9}
+@dataclass
+class OpenStage:
+    """A recipe's stage built exactly as `align train` builds it (frozen LLM, render cache, data order, projector
+    engine), stepped by the caller: `align bench train` times its steps against plain loops."""
+
+    run: Run
+    stage: Stage
+    data: StageData
+    engine: object
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the LLM computes in (None: fp32)."""
+        return autocast_dtype(self.run.recipe.runtime.precision)
+
+    def step(self, epoch: int, step: int) -> StepTotals:
+        """One optimizer step on global batch `step` of `epoch`, as training takes it."""
+        return train_step(self.run, self.stage, self.data, self.engine, epoch, step)[0]
 
 
-def load_run_llm(run: Run) -> torch.nn.Module:
-    """The frozen LLM: whole on every rank, or under `zero_stage: 3` partitioned while it loads (each rank holds
-    about 1/world of it, optionally in CPU memory) and gathered layer by layer in forward and backward."""
-    runtime = run.recipe.runtime
-    partition = runtime.zero_stage == 3
-    if partition and runtime.quantization != "none":
-        raise AlignError("zero_stage 3 partitions the frozen LLM, and 8/4-bit weights cannot be partitioned: use "
-                         "quantization none with ZeRO-3, or zero_stage 0-2 with quantization")
-    if runtime.offload_params and not partition:
-        raise AlignError("runtime.offload_params moves ZeRO-3 partitions to CPU memory: it needs zero_stage 3")
-    keep_alive = None
-    if partition:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # transformers loads under deepspeed.zero.Init while this object lives: no rank ever holds the whole model.
-        keep_alive = HfDeepSpeedConfig(frozen_llm_ds_config(run) | {"train_batch_size": run.ranks.world})
-    dtype = "fp32" if run.device.type == "cpu" and runtime.quantization == "none" else runtime.precision
-    with remote_code_opt_in("runtime.trust_remote_code: true in the recipe (or --set runtime.trust_remote_code=true)"):
-        llm = load_frozen_llm(
-            run.spec, run.recipe.backbone.model, dtype=dtype, quantization=runtime.quantization,
-            trust_remote_code=runtime.trust_remote_code, gradient_checkpointing=runtime.gradient_checkpointing,
-            device=None if partition else run.device,
-        )
-    if partition:
-        import deepspeed
-
-        # An engine without optimizer: it installs the hooks that gather each layer's weights when it runs.
-        run.llm_engine = deepspeed.initialize(model=llm, config=keep_alive.config)[0]
-    return llm
-
-
-def frozen_share(run: Run) -> dict:
-    """How many frozen LLM parameters there are, and how many each rank holds."""
-    params = list(run.model.llm.parameters())
-    total = sum(int(np.prod(full_shape(p))) for p in params)
-    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-    per_rank = [0] * run.ranks.world
-    per_rank[run.ranks.rank] = held
-    return {"total": total, "held_per_rank": run.ranks.sum(per_rank)}
-
+def open_stage(recipe: Recipe, steps: int) -> OpenStage:
+    """The recipe's first stage, ready for `steps` optimizer steps (its files under the recipe's output folder)."""
+    stage = recipe.stages[0]
+    run = Run(recipe, start_ranks(always=True, deepspeed=True), local_device(), get_backbone(recipe.backbone.name),
+              FeatureStore.read_meta(recipe.features))
+    run.model = VisionLLM(load_run_llm(run), torch.nn.Identity())
+    data = stage_data(run, stage, False)
+    engine, _ = make_engine(run, stage, None, steps)
+    return OpenStage(run, stage, data, engine)
 
 
 @dataclass
@@ -610,31 +405,6 @@ class TrainOutcome:
 
     adapters: list[Path]
     model: VisionLLM
-
-
-def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe dumps."""
-    keys = sorted(set(saved) | set(now)) if isinstance(saved, dict) and isinstance(now, dict) else None
-    if keys is None:
-        if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-            return [c for i, (a, b) in enumerate(zip(saved, now)) for c in recipe_changes(a, b, f"{prefix}{i}.")]
-        return [prefix.rstrip(".")] if saved != now else []
-    return [c for k in keys for c in recipe_changes(saved.get(k), now.get(k), f"{prefix}{k}.")]
-
-
-def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> None:
-    """On resume, refuse a recipe that differs from the one the run started with (naming the keys)."""
-    saved_path = run_dir / RECIPE_JSON
-    if not saved_path.is_file() or allow_changes:
-        return
-    saved = read_json_object(saved_path)
-    now = json.loads(recipe.model_dump_json())
-    names = [stage["name"] for stage in now["stages"]]
-    changed = [".".join(stage_by_name(k.split("."), names)) for k in recipe_changes(saved, now)
-               if k != "runtime.output_dir"]
-    if changed:
-        raise AlignError(f"--resume with a changed recipe ({', '.join(changed)}); the run started with "
-                         f"{saved_path}. Pass --allow-recipe-change to resume anyway")
 
 
 def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
@@ -655,36 +425,6 @@ def train(recipe_path: Path, output: Path | None = None, resume: bool = False, o
         restore_torch_linear()
         if last_in_process and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def restore_torch_linear() -> None:
-    """Put torch's own `torch.nn.functional.linear` back. Loading under ZeRO-3 (deepspeed.zero.Init) replaces it with
-    DeepSpeed's memory-efficient linear for the rest of the process ("persists unless manually reset"); a run keeps
-    it while it trains and leaves the process as it found it."""
-    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    original = getattr(getattr(zero, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
-    if original is not None:
-        torch.nn.functional.linear = original
-
-
-def claim_output(recipe: Recipe, held: ExitStack, resume: bool, overwrite: bool) -> None:
-    """Lock the output folder; refuse one that holds a run unless resuming it or told to overwrite it (then the
-    recipe's stage folders, metrics and recipe copy go; render caches stay, they are reusable)."""
-    output = recipe.runtime.output_dir
-    if output.exists() and not output.is_dir():
-        raise AlignError(f"output {output} is a file, not a folder")
-    held.enter_context(FolderLock(output, "--output folder"))
-    found = [p for p in (output / RECIPE_JSON, *(output / s.name for s in recipe.stages)) if p.exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise AlignError(f"{output} holds a run ({found[0].name}); pass --resume to continue it or --overwrite to "
-                         "start over")
-    for path in (*(output / s.name for s in recipe.stages), output / METRICS, output / RECIPE_JSON):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
