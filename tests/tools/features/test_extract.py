@@ -250,8 +250,10 @@ def test_cli_errors_are_one_line(tiny_blip2, tmp_path):
 def test_decoding_workers_follow_the_cores_and_the_data_size(monkeypatch):
     from align.tools.features.extract import default_workers
 
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)  # this job's share of the cores
     assert default_workers(48, 32) == 0  # a couple of batches: workers would cost more than they save
     assert default_workers(10_000, 32) == 1  # two cores: the encoder keeps one, decoding gets the other
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("torch.get_num_threads", lambda: 1)
+    assert default_workers(10_000, 32) == 0  # a busy machine's single core: no decoding process beside it
+    monkeypatch.setattr("torch.get_num_threads", lambda: 64)
     assert default_workers(10_000, 32) == 8
