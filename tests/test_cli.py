@@ -23,6 +23,7 @@ def conversation_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_backbones_list_and_show_json(align_home):
     listed = json.loads(run_align("backbones", "list", "--json", home=align_home).stdout)
     assert {row["name"] for row in listed} >= {"qwen-7b-chat", "vicuna-7b-v0", "baichuan2-13b-chat"}
@@ -31,6 +32,7 @@ def test_backbones_list_and_show_json(align_home):
     assert shown["template"] == "chatml" and shown["stop_controls"] == ["im_end", "endoftext", "eos"]
 
 
+@pytest.mark.slow
 def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_file):
     added = run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home)
     assert added.returncode == 0, added.stderr
@@ -52,6 +54,7 @@ def test_add_then_render_json_contract(align_home, qwen_model_dir, conversation_
     assert json.loads(eight.stdout)["images"] == [[start, 8]]  # an encoder with 8 queries fills 8 slots
 
 
+@pytest.mark.slow
 def test_render_shows_a_stage_template_with_the_encoders_or_stores_slots(align_home, qwen_model_dir, tmp_path,
                                                                          tiny_blip2, train_workspace):
     assert run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home).returncode == 0
@@ -68,6 +71,7 @@ def test_render_shows_a_stage_template_with_the_encoders_or_stores_slots(align_h
     assert unknown.returncode == 2 and "unknown template 'captions'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_model_dir, conversation_file):
     result = run_align("render", "qwen-7b-chat", "--conversation", conversation_file, "--model", qwen_model_dir,
                    home=align_home)
@@ -78,12 +82,14 @@ def test_render_readable_view_marks_learnt_tokens_and_images(align_home, qwen_mo
     assert "image 0" in table.stdout and "'<|im_start|>'" in table.stdout
 
 
+@pytest.mark.slow
 def test_add_new_backbone_with_its_own_chat_template(align_home, hf_chatml_dir):
     result = run_align("add-backbone", "tiny-chatml", "--model", hf_chatml_dir, home=align_home)
     assert result.returncode == 0, result.stderr
     assert "template hf-chat" in result.stdout and "ok   equals the model's own apply_chat_template" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -112,6 +118,7 @@ def test_user_errors_are_one_line_exit_2(align_home, tmp_path, args, message):
         assert message in lines[0]
 
 
+@pytest.mark.slow
 def test_failed_self_check_exits_2_and_lists_failures(align_home, sp_model_dir):
     result = run_align("add-backbone", "mine", "--model", sp_model_dir, "--template", "chatml", home=align_home)
     assert result.returncode == 2
@@ -120,6 +127,7 @@ def test_failed_self_check_exits_2_and_lists_failures(align_home, sp_model_dir):
     assert not (align_home / "backbones" / "mine.yaml").exists()
 
 
+@pytest.mark.slow
 def test_bad_conversation_file_is_one_line(align_home, qwen_model_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"conversations": [{"from": "gpt", "value": "x"}]}')
@@ -129,6 +137,7 @@ def test_bad_conversation_file_is_one_line(align_home, qwen_model_dir, tmp_path)
     )
 
 
+@pytest.mark.slow
 def test_render_a_whole_manifest(align_home, qwen_model_dir, tmp_path):
     assert run_align("add-backbone", "qwen-7b-chat", "--model", qwen_model_dir, home=align_home).returncode == 0
     manifest = tmp_path / "data.jsonl"
@@ -151,6 +160,7 @@ def test_render_a_whole_manifest(align_home, qwen_model_dir, tmp_path):
     assert both.returncode == 2 and both.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_help_reads_as_people_expect():
     result = run_align("chat", "--help")
     assert result.returncode == 0

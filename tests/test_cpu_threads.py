@@ -32,6 +32,7 @@ def test_a_thread_count_the_user_set_is_kept(four_cores_one_busy, monkeypatch):
     assert share_cores(1) == 2 and os.environ["OMP_NUM_THREADS"] == "2"
 
 
+@pytest.mark.slow
 def test_the_align_command_gives_torch_the_share_of_each_rank():
     # torchrun's LOCAL_WORLD_SIZE processes share the cores; torch sizes its pool from the variable set before it.
     code = ("import os, sys; sys.argv = ['align', '--version']; from align import cli\ntry: cli.main()\n"

@@ -79,6 +79,7 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_input_is_one_line_exit_2_and_writes_nothing(inputs, case, tmp_path):
     before = listing(inputs)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"templates": 1, "backbones": 2, "adapters": 3, "tools": 4, "cli": 5}
 
@@ -37,6 +39,7 @@ def test_no_layer_imports_a_higher_one():
     assert problems == []
 
 
+@pytest.mark.slow
 def test_templates_do_not_import_torch():
     code = "import sys, align.templates; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -31,6 +31,7 @@ def test_minigpt4qwen_deepspeed_layout(tmp_path):
     assert load_adapter(out)[0].template == "chatml"
 
 
+@pytest.mark.slow
 def test_refusals(tmp_path):
     torch.save({"model": {"llama_proj.weight": torch.randn(5120, 768), "llama_proj.bias": torch.zeros(5120)}},
                tmp_path / "13b.pth")
@@ -48,6 +49,7 @@ def test_refusals(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().endswith("does not exist")
 
 
+@pytest.mark.slow
 def test_import_never_replaces_an_adapter_unasked(tmp_path):
     torch.save({"model": {"llama_proj.weight": torch.randn(4096, 768), "llama_proj.bias": torch.randn(4096)}},
                tmp_path / "ckpt.pth")

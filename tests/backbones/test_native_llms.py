@@ -172,6 +172,7 @@ def test_conversion_keeps_the_dtype_of_the_source_tensors_when_the_config_names_
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F32"}
 
 
+@pytest.mark.slow
 def test_convert_backbone_cli_converts_once_and_add_backbone_takes_the_result(tmp_path, align_home, qwen_model_dir):
     torch.manual_seed(0)
     official = write_checkpoint(tmp_path / "Qwen-official", qwen1_state(480), qwen1_config(480))
@@ -233,6 +234,7 @@ def test_torch_dtypes_are_taken_as_transformers_takes_them(checkpoints):
         load_llm(checkpoints["qwen1-bin"], dtype=torch.int8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen1-bin", "baichuan2-13b-5-heads"])
 def test_a_training_step_reaches_only_the_projector(checkpoints, name):
     llm = load_llm(checkpoints[name])
@@ -295,6 +297,7 @@ def chat_backbones(tmp_path_factory, checkpoints, qwen_model_dir, sp_model_dir, 
     return home, adapters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["qwen-7b-chat", "baichuan-13b-chat"])
 def test_align_chat_answers_with_an_official_layout(chat_backbones, tiny_blip2, train_workspace, monkeypatch, backbone):
     home, adapters = chat_backbones

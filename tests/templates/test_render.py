@@ -66,6 +66,7 @@ def test_baichuan_has_no_system_role(sp):
         render(get_template("baichuan"), conversation_from_record(record("a", "b", system="Be brief.")), sp)
 
 
+@pytest.mark.slow
 def test_baichuan2_prompt_and_training_labels(sp):
     template = get_template("baichuan2")
     prompt = render(template, conversation_from_record(record("a", "b", "c", system="S")), sp)

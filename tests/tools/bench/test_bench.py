@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_features_writes_a_result(tiny_blip2, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "align", "bench", "features", "--encoder", str(tiny_blip2[1]), "--images", "4",
@@ -18,6 +21,7 @@ def test_bench_features_writes_a_result(tiny_blip2, tmp_path):
     assert data["device"].startswith("cpu") and data["versions"]["torch"]
 
 
+@pytest.mark.slow
 def test_bench_load_llm_measures_an_official_layout(tmp_path):
     from align.tools.bench.bench import QWEN_7B, write_random_qwen1
 
@@ -45,6 +49,7 @@ def test_results_never_overwrite_each_other_and_record_the_load(tmp_path):
     assert len(data["load_average_1_5_15_min"]) == 3 and data["cpu_count"] >= 1 and data["versions"]["torch"]
 
 
+@pytest.mark.slow
 def test_bench_load_llm_checks_its_settings_before_writing_15_gb(tmp_path):
     target = tmp_path / "never-written"
     for bad in (["--dtype", "fp9"], ["--quantization", "3bit"]):

@@ -24,6 +24,7 @@ def demo(tmp_path_factory):
     return out, json.loads(result.stdout), home  # stdout is the one JSON object and nothing else
 
 
+@pytest.mark.slow
 def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     out, report, home = demo
     assert set(report) == {"held_out", "accuracy", "seconds", "workspace"}
@@ -39,6 +40,7 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     assert not home.exists()  # nothing registered outside the workspace
 
 
+@pytest.mark.slow
 def test_bench_train_writes_every_comparison(demo, tmp_path):
     out, _, home = demo
     bench = run_align("bench", "train", "--workspace", out, "--steps", "2", "--batch-size", "8", "--out-dir", tmp_path,
@@ -54,6 +56,7 @@ def test_bench_train_writes_every_comparison(demo, tmp_path):
     assert not home.exists()
 
 
+@pytest.mark.slow
 def test_bench_train_at_a_real_layout_derives_its_models_once(demo, tmp_path):
     # The shape of `--size 7b` at a tiny scale: another architecture, bf16, and a BLIP-2 encoder of its own whose
     # features are extracted into the derived workspace's store.
@@ -96,6 +99,7 @@ def test_bench_train_at_a_real_layout_derives_its_models_once(demo, tmp_path):
     assert reply["reused"] and reply["rebuilt"] and not home.exists()
 
 
+@pytest.mark.slow
 def test_bench_chat_times_both_ways(demo, tmp_path):
     out, _, home = demo
     chat = run_align("bench", "chat", "--workspace", out, "--turns", "3", "--out-dir", tmp_path, home=home, timeout=1800)
@@ -118,6 +122,7 @@ def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
     assert prepare_workspace(tmp_path / "old") == old and not (old / "runs").exists() and (old / MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_foreign_folder_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = run_align("demo", "--out", tmp_path)

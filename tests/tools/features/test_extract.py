@@ -159,6 +159,7 @@ def cli_extract(manifest, encoder, out, *extra, script=None):
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     killed = cli_extract(manifest, tiny_blip2[1], tmp_path / "resumed", script=KILLER)
@@ -176,6 +177,7 @@ def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
     assert not list(shards.glob("*.tmp")) and FeatureStore.open(tmp_path / "resumed").verify() == []
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     single = cli_extract(manifest, tiny_blip2[1], tmp_path / "one", "--json")
@@ -197,6 +199,7 @@ def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     assert reasons and json.loads(two.stdout)["reject_reasons"] == reasons
 
 
+@pytest.mark.slow
 def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     run(manifest, tiny_blip2[1], tmp_path / "store")
@@ -220,6 +223,7 @@ def test_info_and_verify_commands(tiny_blip2, folder, tmp_path):
     assert lost.returncode == 2 and "the index reaches" in lost.stdout and "without an index record" in lost.stdout
 
 
+@pytest.mark.slow
 def test_a_second_extraction_into_a_busy_store_is_refused_and_a_failed_one_leaves_no_store(tiny_blip2, folder, tmp_path):
     from align.files import FolderLock
 
@@ -235,6 +239,7 @@ def test_a_second_extraction_into_a_busy_store_is_refused_and_a_failed_one_leave
     assert not (tmp_path / "new").exists() and (tmp_path / "new.rejects.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tiny_blip2, tmp_path):
     good_image(tmp_path / "a.png")
     manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "x"}])

@@ -251,6 +251,7 @@ def test_repl_commands(pipeline, home, tmp_path):
     assert next(lines) == "never read"
 
 
+@pytest.mark.slow
 def test_chat_command_answers_questions_on_stdout(home, adapter, tiny_blip2, pipeline):
     result = run_align("chat", "--adapter", adapter, "--image", image(home, 0), "--encoder", tiny_blip2[1],
                     "--question", "Describe this image.", "--question", "And the colour?", "--max-new-tokens", 6,

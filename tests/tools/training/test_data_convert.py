@@ -62,6 +62,7 @@ def test_llava_and_caption_folder(tmp_path):
     assert [r["caption"] for r in records(tmp_path / "c.jsonl")] == ["a red square", "一个蓝色的圆"]
 
 
+@pytest.mark.slow
 def test_cli_unknown_format_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "align", "data", "convert", str(tmp_path), "--format", "llava2",
                              "--out", str(tmp_path / "m.jsonl")], capture_output=True, text=True)

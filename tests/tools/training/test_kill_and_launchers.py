@@ -43,6 +43,7 @@ def metric_lines(output: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
+@pytest.mark.slow
 def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace):
     reference = workspace["run"] / "reference"
     done = subprocess.run(align_train(workspace, reference), env=workspace["env"], capture_output=True, text=True,
@@ -72,6 +73,7 @@ def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace)
             assert torch.equal(want[key], got[key]), key
 
 
+@pytest.mark.slow
 def test_two_nodes_under_torchrun_train_as_one_process(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     one = workspace["run"] / "one"
@@ -90,6 +92,7 @@ def test_two_nodes_under_torchrun_train_as_one_process(workspace):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_deepspeed_launcher_starts_training(workspace):
     deepspeed = shutil.which("deepspeed") or pytest.skip("the deepspeed launcher is not installed")
     # It runs `python -u -m align --local_rank=N train …` per process, with LOCAL_RANK set as well.
@@ -106,6 +109,7 @@ def test_the_deepspeed_launcher_starts_training(workspace):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero3_partitions_the_frozen_llm_across_two_processes(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     zero0 = workspace["run"] / "zero0"

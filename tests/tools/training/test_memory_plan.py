@@ -50,6 +50,7 @@ def test_the_projector_term_counts_the_recipes_projector_kind():
     assert mlp.projector - linear.projector == (4096 * 4096 + 4096) * 16  # the second layer, with Adam: 269 MB
 
 
+@pytest.mark.slow
 def test_a_micro_batch_the_global_batch_cannot_split_into_over_the_gpus_does_not_fit(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["stages.caption.global_batch_size=12",
                                                             "stages.caption.micro_batch_size=4"])
@@ -76,6 +77,7 @@ def test_the_shipped_3090_recipes_fit_24_gb(name):
     assert all(p.fits and p.total < 24 * 2**30 for p in plans)
 
 
+@pytest.mark.slow
 def test_plan_command_says_what_does_not_fit():
     ok = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml")
     assert ok.returncode == 0 and "yes" in ok.stdout

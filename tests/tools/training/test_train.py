@@ -57,6 +57,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_the_projector_learns(workspace):
     outcome = train(workspace["recipe"], overrides=workspace["sets"] + ["stages.caption.epochs=8"], show_progress=False)
     losses = [m["loss"] for m in metrics(workspace["run"]) if m["stage"] == "caption"]
@@ -76,6 +77,7 @@ def test_loss_falls_and_only_the_projector_learns(workspace):
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics(workspace["run"]))  # ZeRO 0 too
 
 
+@pytest.mark.slow
 def test_stages_chain_and_adapters_bind_their_backbone(workspace):
     outcome = train(workspace["recipe"], overrides=workspace["sets"] + ["runtime.save_interval=1"], show_progress=False)
     caption, chat = outcome.adapters
@@ -91,6 +93,7 @@ def test_stages_chain_and_adapters_bind_their_backbone(workspace):
         config.check_fits(backbone="tiny-qwen2", hidden_size=32, vocab_size=512, template="chatml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch, zero_stage):
     """Under every ZeRO stage: the pickle-free state restores DeepSpeed's optimizer exactly."""
@@ -106,6 +109,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch, ze
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     """Per-token loss over the global batch: micro-batches of 1, 4 and 16 give the same adapter."""
     adapters = []
@@ -127,6 +131,7 @@ def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     assert max((means[0][k] - means[1][k]).abs().max().item() for k in means[0]) > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe_and_planted_pickles_are_never_read(workspace, monkeypatch):
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", "runtime.save_interval=1"]
     train_until_ctrl_c(workspace, monkeypatch, 3, overrides=sets)
@@ -153,6 +158,7 @@ def test_set_paths_resolve_against_the_working_directory(workspace, tmp_path, mo
     assert recipe.stages[1].data[0].manifest == workspace["recipe"].parent / "data" / "captions.jsonl"  # the file's
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_every_zero_stage_trains_and_chains(workspace, zero_stage):
     sets = workspace["sets"] + [f"runtime.zero_stage={zero_stage}", "stages.caption.epochs=1", "stages.chat.epochs=1"]
@@ -164,6 +170,7 @@ def test_every_zero_stage_trains_and_chains(workspace, zero_stage):
     assert torch.nn.functional.linear is torch._C._nn.linear
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_llm_paths_run(workspace, quantization):
     import bitsandbytes as bnb
@@ -176,12 +183,14 @@ def test_quantized_llm_paths_run(workspace, quantization):
     assert torch.isfinite(adapter_weights(outcome.adapters[-1])["weight"]).all()
 
 
+@pytest.mark.slow
 def test_qwen2_architecture_with_its_own_chat_template(workspace):
     sets = workspace["sets"] + ["backbone.name=tiny-qwen2", "stages.caption.epochs=1", "stages.chat.epochs=1"]
     outcome = train(workspace["recipe"], overrides=sets, show_progress=False)
     assert load_adapter(outcome.adapters[-1])[0].template == "hf-chat"  # tiny-qwen2 was added with its chat_template
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_adapter_as_one(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
@@ -231,6 +240,7 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.runtime.trust_remote_code is False  # Qwen-1 and Baichuan load natively: no recipe runs model code
 
 
+@pytest.mark.slow
 def test_validate_command(workspace):
     args = ["validate", workspace["recipe"]]
     for s in workspace["sets"]:
@@ -252,6 +262,7 @@ def test_validate_command(workspace):
     assert (workspace["run"] / "render-cache").is_dir()
 
 
+@pytest.mark.slow
 def test_no_weight_decay_on_biases_and_norms_and_no_dropout_in_the_frozen_llm(workspace):
     from align.adapters.projector import build_projector
     from align.backbones.llm import without_dropout
@@ -270,6 +281,7 @@ def test_no_weight_decay_on_biases_and_norms_and_no_dropout_in_the_frozen_llm(wo
     assert llm.config.attention_dropout == 0.0
 
 
+@pytest.mark.slow
 def test_an_output_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(workspace):
     from align.files import FolderLock
 
@@ -304,6 +316,7 @@ def store_with_a_nan_row(workspace, tmp_path) -> list[str]:
     return [s for s in workspace["sets"] if not s.startswith("features=")] + [f"features={features}"]
 
 
+@pytest.mark.slow
 def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tmp_path):
     sets = store_with_a_nan_row(workspace, tmp_path)
     outcome = train(workspace["recipe"], overrides=sets + ["stages.caption.epochs=2", "stages.chat.epochs=1"],
@@ -316,6 +329,7 @@ def test_non_finite_features_are_muted_and_rejected_not_trained_on(workspace, tm
     assert all(m["loss"] == m["loss"] for m in metrics(workspace["run"]))  # never NaN
 
 
+@pytest.mark.slow
 def test_samples_found_broken_before_an_interruption_stay_in_the_rejects(workspace, tmp_path, monkeypatch):
     # A resumed stage copied the render cache's rejects over its log, losing the muted samples logged before.
     sets = store_with_a_nan_row(workspace, tmp_path) + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
@@ -327,6 +341,7 @@ def test_samples_found_broken_before_an_interruption_stay_in_the_rejects(workspa
     assert sum("non-finite" in line for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workspace, monkeypatch, capsys):
     sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1", "runtime.save_interval=1"]
     full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
@@ -342,6 +357,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(workspace, mon
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_validate_reads_manifests_cheaply_and_names_what_would_be_rejected(workspace, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"image": "", "caption": "x"}\nnot json\n' + Path(workspace["manifest"]).read_text())
@@ -356,6 +372,7 @@ def test_validate_reads_manifests_cheaply_and_names_what_would_be_rejected(works
             "empty path, 1 malformed") in done.stdout
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_store_without_the_images_and_a_tokenizer_that_does_not_load(workspace, tmp_path):
     import shutil
 
