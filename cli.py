@@ -1,5 +1,6 @@
 """The `align` command: parse arguments, call one function, print. Errors become one line and exit code 2."""
 
+import inspect
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from align import __version__
 from align.constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION
 from align.cpu_threads import share_cores
 from align.errors import AlignError
+from align.words import counted, readable
 
 app = typer.Typer(
     help="Give a causal LLM eyes: train one projector on cached BLIP-2 Q-Former features.",
@@ -37,8 +39,18 @@ app.add_typer(bench_app, name="bench")
 
 # Piped output gets a wide fixed width so tables are not squeezed to 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout, and nothing else there, instead of text.")]
 QuantizationOpt = Annotated[str, typer.Option(help="none, 8bit or 4bit (bitsandbytes).")]
+StoreArg = Annotated[Path, typer.Argument(help="Feature store directory.")]
+CheckpointArg = Annotated[Path, typer.Argument(help="The released checkpoint file (.pth).")]
+
+
+RESULTS_IN_WORKSPACE = Path("bench") / "results"  # `bench train` and `bench chat` write beside what they measured
+
+
+def _say(text: str) -> None:
+    """A progress line of a long command."""
+    console.print(escape(text), highlight=False)
 
 
 def _print_json(data) -> None:
@@ -51,7 +63,7 @@ def _print_record(data: dict, as_json: bool) -> None:
         _print_json(data)
         return
     for key, value in data.items():
-        console.print(f"[bold]{key}[/bold]: {escape(str(value))}", highlight=False)
+        console.print(f"[bold]{key}[/bold]: {escape(readable(value))}", highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -67,7 +79,7 @@ def _first_rank() -> bool:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True)] = None,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print align's version and exit.")] = None,
     local_rank: Annotated[Optional[int], typer.Option("--local_rank", "--local-rank", hidden=True,
                                                       help="Set by the deepspeed launcher (LOCAL_RANK is read).")] = None,
 ) -> None:
@@ -98,7 +110,8 @@ def backbones_list(as_json: JsonFlag = False) -> None:
 
 
 @backbones_app.command("show")
-def backbones_show(name: str, as_json: JsonFlag = False) -> None:
+def backbones_show(name: Annotated[str, typer.Argument(help="Backbone name (`align backbones list`).")],
+                   as_json: JsonFlag = False) -> None:
     """Show one backbone's full record and its template's stop rules."""
     from align.backbones.registry import backbone_stop_rules, get_backbone
 
@@ -160,7 +173,7 @@ def render(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the rendering as one object; with --manifest, one JSON object per record (JSON Lines), then the summary.")] = False,
 ) -> None:
     """Show what the model sees: ids, learnt tokens and image slots for one conversation, or a whole manifest."""
-    from align.tools.training.render_view import query_count, readable, render_file, render_manifest, token_table
+    from align.tools.training.render_view import query_count, render_file, render_manifest, text_view, token_table
 
     if (conversation is None) == (manifest is None):
         raise AlignError("give --conversation FILE or --manifest M.jsonl")
@@ -179,7 +192,7 @@ def render(
     elif tokens:
         console.print(token_table(tokenizer, rendered))
     else:
-        console.print(readable(spec, tokenizer, rendered))
+        console.print(text_view(spec, tokenizer, rendered, template))
 
 
 @encoder_app.command("export")
@@ -228,7 +241,7 @@ def features_extract(
         _print_json(summary.as_dict())
         return
     console.print(
-        f"{summary.extracted} extracted, {summary.already_in_store} already in the store, {summary.duplicates} duplicate(s), "
+        f"{summary.extracted} extracted, {summary.already_in_store} already in the store, {counted(summary.duplicates, 'duplicate')}, "
         f"{summary.rejected} rejected — {summary.images_per_second} images/s on {summary.device} ({summary.dtype}); "
         f"the store holds {summary.store_images} images",
         highlight=False,
@@ -238,7 +251,7 @@ def features_extract(
 
 
 @features_app.command("info")
-def features_info(store: Path, as_json: JsonFlag = False) -> None:
+def features_info(store: StoreArg, as_json: JsonFlag = False) -> None:
     """Counts, shape, encoder fingerprint and size of a feature store."""
     from align.tools.feature_store import FeatureStore
 
@@ -246,7 +259,7 @@ def features_info(store: Path, as_json: JsonFlag = False) -> None:
 
 
 @features_app.command("verify")
-def features_verify(store: Path) -> None:
+def features_verify(store: StoreArg) -> None:
     """Check that every row is readable, matches its checksum, and the index is consistent."""
     from align.tools.feature_store import FeatureStore, StoreError
 
@@ -255,7 +268,7 @@ def features_verify(store: Path) -> None:
     for problem in problems:
         console.print(f"[red]problem[/red] {escape(problem)}", highlight=False)
     if problems:
-        raise StoreError(f"{store}: {len(problems)} problem(s) found")
+        raise StoreError(f"{store}: {counted(len(problems), 'problem')} found")
     console.print(f"ok: {len(opened)} images, {opened.physical_rows} rows verified", highlight=False)
 
 
@@ -263,17 +276,17 @@ def features_verify(store: Path) -> None:
 def bench_features(
     encoder: Annotated[Optional[Path], typer.Option(help="Encoder directory (default: full-size EVA ViT-g + Q-Former, random weights).")] = None,
     images: Annotated[int, typer.Option(min=1, help="Synthetic 640x480 JPEGs to decode.")] = 64,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images encoded together.")] = 32,
     iterations: Annotated[int, typer.Option(min=1, help="Timed encoder batches (after one warm-up).")] = 5,
     workers: Annotated[int, typer.Option(min=0, help="Decoding processes.")] = 4,
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU).")] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written (a folder under the working directory by default).")] = Path("bench/results"),
 ) -> None:
     """Images/s for decoding and for encoding, separately, on this machine's device."""
     from align.tools.bench.bench import bench_features as run
 
     result, path = run(encoder, images=images, batch_size=batch_size, iterations=iterations, workers=workers,
-                       dtype=dtype, out_dir=out_dir)
+                       dtype=dtype, out_dir=out_dir, say=_say)
     console.print(
         f"{result['device']} ({result['dtype']}): decode {result['decode_images_per_second']} images/s "
         f"with {workers} workers, encode {result['encode_images_per_second']} images/s at batch {batch_size} → {path}",
@@ -289,14 +302,14 @@ def bench_train(
                                       "encoder, random weights, for a GPU); built once under WORKSPACE/bench-SIZE.")] = "demo",
     steps: Annotated[int, typer.Option(min=2, help="Timed steps per comparison.")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 16,
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON result is written (default: WORKSPACE/bench/results).")] = None,
 ) -> None:
     """Training speed as ratios: cached features vs the encoder in the loop, align's step vs a plain loop, dynamic vs
     max-length padding, store reads, and model FLOPs utilisation."""
     from align.tools.bench.train_bench import bench_train as run
 
-    result, path = run(workspace, size=size, steps=steps, batch_size=batch_size, out_dir=out_dir,
-                       say=lambda text: console.print(escape(text), highlight=False))
+    result, path = run(workspace, size=size, steps=steps, batch_size=batch_size,
+                       out_dir=out_dir or workspace / RESULTS_IN_WORKSPACE, say=_say)
     cached, overhead, padding = result["cached_features"], result["align_vs_plain_loop"], result["padding"]
     console.print(
         f"cached features {cached['speedup_measured']}x faster than the encoder in the loop here "
@@ -311,12 +324,12 @@ def bench_train(
 def bench_chat(
     workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its chat adapter, LLM and encoder.")] = Path("align-demo"),
     turns: Annotated[int, typer.Option(min=2, help="Turns of the conversation.")] = 8,
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON result is written (default: WORKSPACE/bench/results).")] = None,
 ) -> None:
     """Time to first text and tokens/s of a multi-turn chat, with the last turn's KV cache reused and without."""
     from align.tools.bench.chat_bench import bench_chat as run
 
-    result, path = run(workspace, turns=turns, out_dir=out_dir)
+    result, path = run(workspace, turns=turns, out_dir=out_dir or workspace / RESULTS_IN_WORKSPACE)
     console.print(f"first text after turn 1: {result['first_text_speedup']}x faster with the cache kept "
                   f"({result['with_cache']['tokens_per_second']} vs {result['without_cache']['tokens_per_second']} "
                   f"tokens/s) → {path}", highlight=False)
@@ -328,12 +341,12 @@ def bench_load_llm(
                                                        "it on later runs (default: a temporary folder).")] = None,
     dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32.")] = "bf16",
     quantization: QuantizationOpt = "none",
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written.")] = Path("bench/results"),
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON result is written (a folder under the working directory by default).")] = Path("bench/results"),
 ) -> None:
     """Peak memory and time of loading an official Qwen-7B-shaped checkpoint (random weights, 15.4 GB in bf16)."""
     from align.tools.bench.bench import bench_llm_loading as run
 
-    result, path = run(checkpoint, dtype=dtype, quantization=quantization, out_dir=out_dir)
+    result, path = run(checkpoint, dtype=dtype, quantization=quantization, out_dir=out_dir, say=_say)
     gib = 2**30
     console.print(
         f"{result['checkpoint_bytes'] / gib:.1f} GiB checkpoint → {result['class']} in {result['load_seconds']:.0f} s; peak "
@@ -370,7 +383,7 @@ def _import(kind: str, checkpoint: Path, backbone: str, out: Path, overwrite: bo
 
 @import_app.command("minigpt4")
 def import_minigpt4(
-    checkpoint: Path,
+    checkpoint: CheckpointArg,
     backbone: Annotated[str, typer.Option(help="vicuna-7b-v0 or vicuna-13b-v0.")],
     out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
     overwrite: OverwriteOpt = False,
@@ -381,7 +394,7 @@ def import_minigpt4(
 
 @import_app.command("minigpt4qwen")
 def import_minigpt4qwen(
-    checkpoint: Path,
+    checkpoint: CheckpointArg,
     out: Annotated[Path, typer.Option(help="Adapter directory to write.")],
     backbone: Annotated[str, typer.Option(help="qwen-7b-chat.")] = "qwen-7b-chat",
     overwrite: OverwriteOpt = False,
@@ -392,9 +405,9 @@ def import_minigpt4qwen(
 
 @app.command("train")
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file; with --resume and --output it may be left out: the run continues with the recipe it started with.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Output directory (overrides runtime.output_dir).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint; finished stages are kept.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint; finished stages are kept. A recipe given must equal the one the run started with.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key.path=value.")] = None,
     allow_recipe_change: Annotated[bool, typer.Option(help="With --resume: continue although the recipe changed.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in an output folder that holds a run (its stages are deleted).")] = False,
@@ -422,7 +435,7 @@ def validate(
     from align.tools.training.validate import check_recipe
 
     checked, reports = check_recipe(recipe, set_ or [], world_size=world_size, render=render, progress=render)
-    console.print(f"ok: {len(checked.stages)} stage(s): {', '.join(s.name for s in checked.stages)}", highlight=False)
+    console.print(f"ok: {counted(len(checked.stages), 'stage')}: {', '.join(s.name for s in checked.stages)}", highlight=False)
     for report in reports:
         line = f"  {report.name}: {report.records} records"
         if report.sample_rejects:
@@ -569,7 +582,7 @@ def demo(
     """The whole pipeline on tiny built-in models: pictures, encoder, LLM, features, two-stage training, chat."""
     from align.tools.demo.demo import REQUIRED_GAIN, run_demo
 
-    say = (lambda line: None) if as_json else (lambda line: console.print(escape(line), highlight=False))
+    say = (lambda line: None) if as_json else _say
     result = run_demo(out, seed, say=say, quiet=as_json)
     if as_json:
         print(json.dumps(result.as_json()))
@@ -601,11 +614,17 @@ def templates() -> None:
                   "transformers renders it; the default for a model that ships one", highlight=False)
 
 
-def _plain_metavars(command) -> None:
-    """Help shows values as people read them (TEXT, PATH, INTEGER, FLOAT; nothing after a flag), not Python type
-    names such as <bool> or <list[Path]>."""
+def _readable_help(command) -> None:
+    """Help reads as prose: a docstring's sentences are not broken where the source wraps them (typer keeps those
+    line breaks in command lists), and values show as people read them (TEXT, PATH, INTEGER, FLOAT; an argument by
+    its name; nothing after a flag), not Python type names such as <bool> or <list[Path]>."""
+    if command.help:
+        command.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(command.help).split("\n\n"))
     names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "path": "PATH", "bool": ""}
     for param in command.params:
+        if param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+            continue
         if param.param_type_name != "option" or param.metavar is not None:
             continue
         if getattr(param, "is_flag", False):
@@ -623,7 +642,7 @@ def _plain_metavars(command) -> None:
 
     command.get_help_option = plain_help
     for sub in getattr(command, "commands", {}).values():
-        _plain_metavars(sub)
+        _readable_help(sub)
 
 
 try:  # typer vendors click (0.2x); older typers use click itself
@@ -636,7 +655,7 @@ def main() -> None:
     """Entry point of the `align` console script."""
     share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # before anything imports torch
     command = typer.main.get_command(app)
-    _plain_metavars(command)
+    _readable_help(command)
     try:
         code = command.main(prog_name="align", standalone_mode=False)
     except usage_errors.NoArgsIsHelpError:  # `align` alone: typer has shown the help

@@ -1,6 +1,6 @@
 """Numbers and values as people read them: real plurals, rounded figures, no Python reprs."""
 
-IRREGULAR = {"reply": "replies", "entry": "entries", "process": "processes", "stretch": "stretches"}
+IRREGULAR = {"reply": "replies", "entry": "entries", "process": "processes", "stretch": "stretches", "batch": "batches"}
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from align.backbones.chat_templates import template_for
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError, NotPrefixStableError
+from align.words import counted
 from align.templates import (
     HF_CHAT,
     IGNORE_INDEX,
@@ -67,7 +68,7 @@ def check_labels(template: Template, tokenizer: TextTokenizer, rendered: Rendere
     control_ids = set(controls.values())
     spans = _label_spans(rendered.labels)
     if len(spans) != len(replies):
-        raise AlignError(f"{len(spans)} supervised stretch(es) for {len(replies)} assistant repl(ies)")
+        raise AlignError(f"{counted(len(spans), 'supervised stretch')} for {counted(len(replies), 'assistant reply')}")
     for (start, end), reply in zip(spans, replies):
         labels = rendered.labels[start:end]
         if template.reply_end_control and labels[-1] != controls[template.reply_end_control]:
@@ -75,7 +76,7 @@ def check_labels(template: Template, tokenizer: TextTokenizer, rendered: Rendere
         learnt = tokenizer.decode([t for t in labels if t not in control_ids])
         if _words(learnt) != _words(reply + template.reply_end_text):
             raise AlignError(f"learnt text {learnt!r} is not the reply {reply!r}")
-    return f"{len(spans)} repl(ies), {sum(e - s for s, e in spans)} supervised tokens"
+    return f"{counted(len(spans), 'reply')}, {counted(sum(e - s for s, e in spans), 'supervised token')}"
 
 
 def check_round_trip(tokenizer: TextTokenizer, rendered: Rendered) -> str:
@@ -136,8 +137,9 @@ def check_against_apply_chat_template(template: Template, tokenizer: TextTokeniz
         compared += 1
     if not compared:
         raise AlignError("the chat template refused every sample conversation")
-    note = f"; {rejected} multi-turn training record(s) not prefix-stable: rejected in training" if rejected else ""
-    return f"{compared} conversations, id for id{note}"
+    note = (f"; {counted(rejected, 'multi-turn training record')} not prefix-stable: rejected in training"
+            if rejected else "")
+    return f"{counted(compared, 'conversation')}, id for id{note}"
 
 
 def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
@@ -173,7 +175,7 @@ def self_check(spec: BackboneSpec, tokenizer: TextTokenizer) -> list[Check]:
         replies = [m.text for m in conversation.messages if m.role == "assistant"]
         rendered = run(
             "sample conversation renders", render_sample, conversation,
-            describe=lambda r: f"{len(r.input_ids)} tokens, {len(r.images)} image(s)" + (
+            describe=lambda r: f"{counted(len(r.input_ids), 'token')}, {counted(len(r.images), 'image')}" + (
                 "" if len(_label_spans(r.labels)) == len(replies) else
                 "; multi-turn records are not prefix-stable: training rejects them, single exchanges train"),
         )

@@ -4,6 +4,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
+from align.words import counted
 from align.errors import ConversationError
 
 IMAGE_MARKER = "<image>"
@@ -134,7 +135,8 @@ def conversation_from_record(record: Mapping) -> Conversation:
         turns[0] = (USER, IMAGE_MARKER * len(images) + " " + turns[0][1])
         markers = len(images)
     if markers != len(images):
-        raise ConversationError(f"the record has {len(images)} image(s) but {markers} '{IMAGE_MARKER}' marker(s)")
+        raise ConversationError(f"the record has {counted(len(images), 'image')} but "
+                                f"{counted(markers, repr(IMAGE_MARKER) + ' marker')}")
 
     messages, seen = [], 0
     for role, text in turns:

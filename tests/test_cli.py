@@ -156,6 +156,8 @@ def test_render_a_whole_manifest(align_home, qwen_model_dir, tmp_path):
     assert summary["supervised_tokens"] > 0 and summary["length"]["max"] >= summary["length"]["p50"] > 0
     text = run_align("render", "qwen-7b-chat", "--manifest", manifest, home=align_home)
     assert text.returncode == 0 and "supervised_tokens" in text.stdout
+    # Read by people: no Python reprs of mappings, None or booleans.
+    assert "{" not in text.stdout and "None" not in text.stdout and "length: p50 " in text.stdout, text.stdout
     both = run_align("render", "qwen-7b-chat", "--manifest", manifest, "--conversation", manifest, home=align_home)
     assert both.returncode == 2 and both.stderr.startswith("error: ")
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.errors import AlignError, SharedError
@@ -171,7 +173,22 @@ def child_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
 
 
-def progress_columns(label: str, *fields: str) -> list[ProgressColumn]:
-    """The progress display every long job shows: label, bar, done/total, its own fields, elapsed time."""
+class RateColumn(ProgressColumn):
+    """How many `unit`s per second the task advances (rich's own speed estimate)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text(f"- {self.unit}/s")
+        return Text(f"{speed:.3g} {self.unit}/s" if speed >= 0.1 else f"{1 / speed:.3g} s/{self.unit}")
+
+
+def progress_columns(label: str, *fields: str, unit: str | None = None) -> list[ProgressColumn]:
+    """The progress display every long job shows: label, bar, done/total, its own fields, the rate in `unit`s per
+    second (when given), elapsed time and the time left."""
     return [TextColumn(label), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
-            TimeElapsedColumn()]
+            *([RateColumn(unit)] if unit else []), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]

@@ -6,6 +6,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from align.backbones.vision.preprocessing import Preprocessing
 from align.tools.features.extract import ImageFiles
 from align.errors import AlignError
 from align.tools.runtime import local_device
+from align.words import counted
 
 RESULTS_DIR = Path("bench") / "results"
 
@@ -110,14 +112,20 @@ def bench_features(
     workers: int = 4,
     dtype: str | None = None,
     out_dir: Path = RESULTS_DIR,
+    say: Callable[[str], None] = lambda text: None,
 ) -> tuple[dict, Path]:
-    """Measure decoding and encoding images/s separately on the current device; write and return the result."""
+    """Measure decoding and encoding images/s separately on the current device; write and return the result,
+    saying what it does as it goes (`say`)."""
     device = local_device()
     dtype = dtype or default_compute_dtype(device)
+    say(f"loading the encoder {encoder_path}" if encoder_path else
+        "building a full-size EVA ViT-g + Q-Former with random weights (about 1 B parameters; a minute on a CPU)")
     encoder = load_encoder(encoder_path) if encoder_path else full_size_encoder()
     encoder.to(device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
+        say(f"decoding {images} synthetic 640x480 JPEGs with {workers} worker processes")
         decode_rate = time_decoding(_bench_images(Path(tmp), images), encoder.preprocessing, workers, batch_size)
+    say(f"encoding {counted(iterations, 'batch')} of {batch_size} on {device_name(device)} ({dtype}), after one warm-up batch")
     encode_rate = time_encoding(encoder, device, dtype, batch_size, iterations)
     result = {
         "bench": "features",
@@ -204,7 +212,7 @@ print(json.dumps({"load_seconds": round(seconds, 2), "first_forward_seconds": ro
 
 
 def bench_llm_loading(directory: Path | None = None, *, dtype: str = "bf16", quantization: str = "none",
-                      out_dir: Path = RESULTS_DIR) -> tuple[dict, Path]:
+                      out_dir: Path = RESULTS_DIR, say: Callable[[str], None] = lambda text: None) -> tuple[dict, Path]:
     """Peak memory of `load_llm` plus one forward pass on a Qwen-7B-shaped official checkpoint (written with random
     weights into `directory`, or a temporary one), in a fresh process; written as JSON and returned.
 
@@ -226,8 +234,10 @@ def bench_llm_loading(directory: Path | None = None, *, dtype: str = "bf16", qua
             free = shutil.disk_usage(next(p for p in (checkpoint, *checkpoint.parents) if p.exists())).free
             if free < needed:
                 raise AlignError(f"writing the checkpoint needs {needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free")
+            say(f"writing a random Qwen-7B-shaped checkpoint ({needed / 2**30:.1f} GiB, 8 shards) to {checkpoint}")
             write_random_qwen1(checkpoint)
         size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        say(f"loading it in a fresh process ({dtype}, quantization {quantization}) and running one forward pass")
         child = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(checkpoint), dtype, quantization],
                                capture_output=True, text=True)
         if child.returncode != 0:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from align.words import counted
 from align.errors import AlignError
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import REJECTS, FeatureStore, image_key
@@ -166,7 +167,7 @@ def extract_features(
         if not paths:
             raise ExtractError("the manifests name no images; nothing to extract")
         if summary.extracted == 0 and summary.already_in_store == 0 and summary.duplicates == 0:
-            raise ExtractError(f"nothing could be extracted: {summary.rejected} input(s) rejected, see "
+            raise ExtractError(f"nothing could be extracted: {counted(summary.rejected, 'input')} rejected, see "
                                f"{rejects_path(out) if len(store) == 0 else out / REJECTS}")
         return summary
 

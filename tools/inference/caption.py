@@ -103,7 +103,7 @@ def caption_manifest(
         else:
             pending.append(item)
 
-    columns = progress_columns("[bold]caption[/bold]")
+    columns = progress_columns("[bold]caption[/bold]", unit="images")
     with out.open("a", encoding="utf-8") as predictions, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("caption", total=len(pending))
         for i in range(0, len(pending), batch_size):

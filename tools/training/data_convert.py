@@ -10,6 +10,7 @@ import jsonlines
 
 from align.errors import AlignError
 from align.named import Registry
+from align.words import counted
 from align.files import read_json_object
 from align.tools.rejects import RejectLog, rejects_path
 
@@ -184,7 +185,7 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
                     written += 1
         rejects.close()
         if written == 0:
-            raise AlignError(f"nothing to convert in {src}: {rejects.total} entr(ies) rejected "
+            raise AlignError(f"nothing to convert in {src}: {counted(rejects.total, 'entry')} rejected "
                              f"({', '.join(sorted(rejects.counts)) or 'none found'})")
         os.replace(partial_rejects, rejects_path(out))
         os.replace(partial, out)

@@ -12,6 +12,16 @@ from align.files import FolderLock, read_json_object
 from align.tools.training.recipe import Recipe, stage_by_name
 
 
+def saved_recipe(output: Path | None, resume: bool) -> Path:
+    """The recipe a run in `output` started with, which `--resume` continues when given no recipe."""
+    if not resume or output is None:
+        raise AlignError("give the recipe to train, or --resume --output RUN to continue a run with its own recipe")
+    saved = output / RECIPE_JSON
+    if not saved.is_file():
+        raise AlignError(f"{output} holds no run to resume ({RECIPE_JSON} is missing); give the recipe")
+    return saved
+
+
 def claim_output(recipe: Recipe, held: ExitStack, resume: bool, overwrite: bool) -> None:
     """Lock the output folder; refuse one that holds a run unless resuming it or told to overwrite it (then the
     recipe's stage folders, metrics and recipe copy go; render caches stay, they are reusable)."""

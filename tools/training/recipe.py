@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from align.words import counted
 from align.adapters.projector import projector_names
 from align.errors import AlignError
 
@@ -84,7 +85,7 @@ class Stage(Strict):
         """Why the global batch cannot be split over `world_size` processes, if it cannot."""
         if self.global_batch_size % (self.micro_batch_size * world_size):
             return (f"stage {self.name}: global_batch_size {self.global_batch_size} does not split into "
-                    f"micro-batches of {self.micro_batch_size} over {world_size} process(es)")
+                    f"micro-batches of {self.micro_batch_size} over {counted(world_size, 'process')}")
         return None
 
     @model_validator(mode="after")
@@ -240,7 +241,7 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         stages = data.get("stages") if isinstance(data.get("stages"), list) else []
         names = [s.get("name") if isinstance(s, dict) else None for s in stages]
         problems = [_describe(e, names) for e in exc.errors()]
-        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+        raise RecipeError(f"{path}: {counted(len(problems), 'problem')}: " + "; ".join(problems)) from None
     typed = _set_keys(list(overrides), data)
     recipe_dir, cwd = path.parent.resolve(), Path.cwd()
     shipped = recipe_dir == SHIPPED_RECIPES  # nothing a user reads or writes lives inside the package

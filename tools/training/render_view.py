@@ -15,6 +15,7 @@ from align.backbones.chat_templates import template_for
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.errors import AlignError
+from align.words import counted
 from align.templates import IGNORE_INDEX, Rendered, conversation_from_record, render
 from align.templates.render import DEFAULT_QUERY_TOKENS
 from align.templates.text_tokenizer import TextTokenizer
@@ -131,8 +132,9 @@ def _pieces(tokenizer: TextTokenizer, rendered: Rendered) -> list[tuple[str, str
     ]
 
 
-def readable(spec: BackboneSpec, tokenizer: TextTokenizer, rendered: Rendered) -> Text:
-    """The rendered text with learnt tokens in ⟪ ⟫ (and green), controls in cyan, image slots collapsed."""
+def text_view(spec: BackboneSpec, tokenizer: TextTokenizer, rendered: Rendered, template: str | None = None) -> Text:
+    """The rendered text with learnt tokens in ⟪ ⟫ (and green), controls in cyan, image slots collapsed; the
+    footer names the `template` it was rendered in (default: the backbone's)."""
     out = Text()
     supervised_open = False
     previous_image = None
@@ -154,8 +156,8 @@ def readable(spec: BackboneSpec, tokenizer: TextTokenizer, rendered: Rendered) -
         out.append("⟫", style=SUPERVISED_STYLE)
     learnt = sum(label != IGNORE_INDEX for label in rendered.labels)
     out.append(
-        f"\n\n{spec.name} · template {spec.template} · {len(rendered.input_ids)} tokens · {learnt} learnt (⟪ ⟫) · "
-        f"{len(rendered.images)} image(s)",
+        f"\n\n{spec.name} · template {template or spec.template} · {counted(len(rendered.input_ids), 'token')} · "
+        f"{learnt} learnt (⟪ ⟫) · {counted(len(rendered.images), 'image')}",
         style="dim",
     )
     return out

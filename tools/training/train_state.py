@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
+from align.words import counted
 from align.tools.training.run import Run
 
 STATE = "state.json"
@@ -236,8 +237,8 @@ def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]
         if info is None:
             problem = "its state.json is unreadable"
         elif info["world"] != run.ranks.world:
-            raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with {info['world']} "
-                             f"process(es), this run has {run.ranks.world}; resume with as many")
+            raise AlignError(f"{checkpoints}: the checkpoint of step {step} was taken with "
+                             f"{counted(info['world'], 'process')}, this run has {run.ranks.world}; resume with as many")
         else:
             try:
                 state = load_rank_state(step_dir(checkpoints, step), run.ranks.rank)

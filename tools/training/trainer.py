@@ -36,10 +36,11 @@ from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAG
 from align.errors import SharedError
 from align.files import write_atomic
 from align.templates import IGNORE_INDEX
+from align.words import counted
 from align.tools.feature_store import FeatureStore
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_torch_linear
-from align.tools.training.output_folder import check_resumed_recipe, claim_output
+from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe
 from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.training.run import Run, StageData, stage_data
 from align.tools.training.train_state import Stats, projector_state, restore, save_checkpoint
@@ -273,7 +274,7 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
     """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
     runtime = run.recipe.runtime
     checkpoints = runtime.output_dir / stage.name / CHECKPOINTS
-    columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}")
+    columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}", unit="steps")
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
         task = bar.add_task(stage.name, total=total, completed=start, loss="-")
         for step in range(start, total):
@@ -330,12 +331,17 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     stage_dir = runtime.output_dir / stage.name
     adapter_dir = stage_dir / ADAPTER_DIR
     if resume and run.ranks.decide(lambda: (stage_dir / STAGE_DONE).is_file()):
+        if show_progress and run.main:
+            print(f"stage {stage.name} is finished: keeping {adapter_dir}", flush=True)
         return adapter_dir
     data = stage_data(run, stage, show_progress, resume)
     total = stage.epochs * data.steps_per_epoch
     engine, scheduler = make_engine(run, stage, previous, total)
     checkpoints = stage_dir / CHECKPOINTS
     start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
+    if resume and show_progress and run.main:
+        print(f"resuming stage {stage.name} at step {start} of {total}" if start else
+              f"starting stage {stage.name}: no checkpoint to resume from", flush=True)
     with ExitStack() as files:
         metrics = files.enter_context((runtime.output_dir / METRICS).open("a")) if run.main else None
         if data.rejects is not None:
@@ -361,8 +367,9 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
                "muted_samples": stats.muted, "final_loss": stats.last_loss, "frozen_parameters": share}
     write_atomic(stage_dir / STAGE_DONE, json.dumps(summary, indent=1))
     if show_progress:
-        print(f"{stage.name}: {total} steps on {len(data.cache)} samples ({meta['truncated']} truncated, "
-              f"{meta['rejected']} rejected), final loss {stats.last_loss}", flush=True)
+        loss = "none" if stats.last_loss is None else f"{stats.last_loss:.4f}"
+        print(f"{stage.name}: {counted(total, 'step')} on {counted(len(data.cache), 'sample')} "
+              f"({meta['truncated']} truncated, {meta['rejected']} rejected), final loss {loss}", flush=True)
 
 
 # -- a run ---------------------------------------------------------------------------------------------------------
@@ -407,11 +414,14 @@ class TrainOutcome:
     model: VisionLLM
 
 
-def train(recipe_path: Path, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
+def train(recipe_path: Path | None, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
           show_progress: bool = True, allow_recipe_change: bool = False, last_in_process: bool = False,
           overwrite: bool = False) -> TrainOutcome:
-    """Run every stage of a recipe in order; `last_in_process` ends the process group afterwards, also on errors
-    (DeepSpeed keeps its groups for the life of the process, so a process that trains again keeps it)."""
+    """Run every stage of a recipe in order (resuming without one: the run's own saved recipe in `output`);
+    `last_in_process` ends the process group afterwards, also on errors (DeepSpeed keeps its groups for the life of
+    the process, so a process that trains again keeps it)."""
+    if recipe_path is None:
+        recipe_path = saved_recipe(output, resume)
     recipe = load_recipe(recipe_path, list(overrides))
     if output is not None:
         recipe.runtime.output_dir = output.resolve()

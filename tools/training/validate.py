@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError
+from align.words import counted
 from align.tools.training.recipe import Recipe, RecipeError, Stage, load_recipe
 
 
@@ -158,7 +159,7 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                                 "--image-root they were extracted with")
         reports.append(report)
     if problems:
-        raise RecipeError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
+        raise RecipeError(f"{path}: {counted(len(problems), 'problem')}: " + "; ".join(problems))
     if render:
         render_stages(recipe, spec, meta, reports, progress)
     return recipe, reports
@@ -186,4 +187,4 @@ def render_stages(recipe: Recipe, spec, store_meta: dict, reports: list[StageRep
             problems.append(f"stage {stage.name}: warmup_steps {stage.lr.warmup_steps} is not shorter than the run "
                             f"({report.steps} optimizer steps)")
     if problems:
-        raise RecipeError(f"{len(problems)} problem(s): " + "; ".join(problems))
+        raise RecipeError(f"{counted(len(problems), 'problem')}: " + "; ".join(problems))

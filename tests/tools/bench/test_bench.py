@@ -15,6 +15,7 @@ def test_bench_features_writes_a_result(tiny_blip2, tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
+    assert "decoding 4 synthetic 640x480 JPEGs" in result.stdout and "encoding 1 batch of 2" in result.stdout
     [written] = list(tmp_path.glob("features-cpu-fp32-*.json"))
     data = json.loads(written.read_text())
     assert data["decode_images"] == 4 and data["decode_images_per_second"] > 0 and data["encode_images_per_second"] > 0

@@ -110,6 +110,26 @@ def test_interrupted_and_resumed_equals_uninterrupted(workspace, monkeypatch, ze
 
 
 @pytest.mark.slow
+def test_resume_continues_with_the_runs_own_recipe_and_says_where(workspace, monkeypatch):
+    sets = workspace["sets"] + ["stages.caption.epochs=2", "stages.chat.epochs=1"]
+    full = train(workspace["recipe"], output=workspace["run"] / "full", overrides=sets, show_progress=False)
+    cut = workspace["run"] / "cut"
+    train_until_ctrl_c(workspace, monkeypatch, 5, output=cut, overrides=sets)
+    resumed = run_align("train", "--resume", "--output", cut)  # no recipe: the one the run started with
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming stage caption at step 3 of 4" in resumed.stdout
+    for stage in ("caption", "chat"):
+        a, b = adapter_weights(full.adapters[0].parent.parent / stage / "adapter"), adapter_weights(cut / stage / "adapter")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    again = run_align("train", "--resume", "--output", cut)
+    assert again.returncode == 0 and "stage caption is finished" in again.stdout
+    for args, message in ((["train", "--resume"], "give the recipe to train"),
+                          (["train", "--resume", "--output", workspace["run"] / "none"], "holds no run to resume")):
+        refused = run_align(*args)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+@pytest.mark.slow
 def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     """Per-token loss over the global batch: micro-batches of 1, 4 and 16 give the same adapter."""
     adapters = []
@@ -246,13 +266,13 @@ def test_validate_command(workspace):
     for s in workspace["sets"]:
         args += ["--set", s]
     ok = run_align(*args)
-    assert ok.returncode == 0 and "ok: 2 stage(s)" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "ok: 2 stages" in ok.stdout, ok.stderr
     bad = run_align(*args, "--set", "backbone.name=nope")
     assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
     # What would fail at run time is reported at once, each problem named.
     bad = run_align(*args, "--set", "stages.caption.prompts=[Describe.]", "--set", "stages.chat.lr.warmup_steps=50",
                     "--set", "runtime.zero_stage=3", "--set", "runtime.quantization=8bit", "--world-size", "3")
-    assert bad.returncode == 2 and "5 problem(s)" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "5 problems" in bad.stderr, bad.stderr
     for expected in ("takes no prompt text", "warmup_steps 50 is not shorter than the run (at most 4",
                      "8/4-bit weights cannot be partitioned", "does not split into micro-batches of 4 over 3"):
         assert expected in bad.stderr
