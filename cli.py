@@ -154,6 +154,8 @@ def convert_backbone(
 
     from align.backbones.convert import convert_backbone as convert
 
+    if not as_json:
+        _say(f"loading {model} and writing its native form to {out} (a 7B model takes minutes)")
     result = convert(name, model, out, dtype)
     _print_record({**asdict(result), "out": str(result.out)}, as_json)
 
@@ -203,6 +205,7 @@ def encoder_export(
     """Write a compact encoder-only directory that loads fast."""
     from align.backbones.vision import export_encoder
 
+    _say(f"loading the encoder in {source} (EVA ViT-g + Q-Former: about a minute on a CPU), then writing {out}")
     encoder = export_encoder(source, out)
     params = sum(p.numel() for p in encoder.module.parameters())
     message = f"exported a {params / 1e6:.1f}M-parameter encoder from {encoder.source} to {out} (digest {encoder.weights_digest})"
