@@ -169,3 +169,23 @@ def test_help_reads_as_people_expect():
     lines = {word: line for line in result.stdout.splitlines() for word in line.split() if word.startswith("--")}
     assert "<bool>" not in lines["--trust-remote-code"] and "PATH" in lines["--adapter"]
     assert "list[" not in lines["--question"] and "TEXT" in lines["--question"]
+
+
+def test_help_describes_every_argument_in_unbroken_sentences():
+    import typer
+
+    from align import cli
+
+    command = typer.main.get_command(cli.app)
+    cli._readable_help(command)
+    undescribed, broken = [], []
+
+    def walk(node, path):
+        undescribed.extend(f"{path} {p.name}" for p in node.params if p.name != "help" and not getattr(p, "help", None))
+        if node.help is None or any("\n" in paragraph for paragraph in node.help.split("\n\n")):
+            broken.append(path)
+        for name, sub in getattr(node, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(command, "align")
+    assert undescribed == [] and broken == []
