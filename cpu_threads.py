@@ -8,6 +8,7 @@ environment; a thread count the user set is kept as it is.
 """
 
 import os
+import time
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -20,16 +21,35 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores() -> int:
-    """Cores other work keeps busy now: the whole part of the last minute's load average."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None where there is none."""
     try:
-        return int(os.getloadavg()[0])
-    except OSError:
-        return 0
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(window: float = 0.2) -> int:
+    """Cores other work keeps busy now, rounded: measured over a short `window` (this process sleeps meanwhile),
+    not the last minute's load average, which still counts jobs that just ended."""
+    before = _cpu_times()
+    if before is None:  # not Linux: the load average it is
+        try:
+            return round(os.getloadavg()[0])
+        except OSError:
+            return 0
+    time.sleep(window)
+    after = _cpu_times()
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return round(usable_cores() * busy / total) if total > 0 else 0
 
 
 def thread_share(processes: int = 1) -> int:
-    """Threads for each of `processes` processes started together: the cores not busy elsewhere, divided evenly."""
+    """Threads for each of `processes` processes started together: the cores not busy elsewhere now, divided
+    evenly."""
     return max(1, (usable_cores() - busy_cores()) // max(1, processes))
 
 

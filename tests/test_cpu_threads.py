@@ -41,3 +41,15 @@ def test_the_align_command_gives_torch_the_share_of_each_rank():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     threads, decided = map(int, out.split()[-2:])
     assert threads == decided <= max(1, cpu_threads.usable_cores() // 2)
+
+
+def test_busy_cores_are_measured_now_not_from_the_minutes_before():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert cpu_threads.busy_cores(window=0.5) >= 1  # the spinning process, whatever the load average says
+    finally:
+        busy.kill()
+        busy.wait()
