@@ -3,7 +3,8 @@
 torch sizes its thread pool from OMP_NUM_THREADS when it is first imported, and uses every core otherwise. Several
 processes at once (torchrun ranks, decode workers beside the encoder, a training child beside its parent) or other
 jobs on the machine then oversubscribe the cores, and torch's threads spin waiting for each other: on a loaded 2-core
-machine small CPU steps ran 2-3x slower with two threads than with one (README, "Threads"). So the `align` command decides a share before torch is imported and passes it to every process it starts through the
+machine the demo's training ran 4.5x slower on all cores than on its share (README, "CPU threads"). So the `align`
+command decides a share before torch is imported and passes it to every process it starts through the
 environment; a thread count the user set is kept as it is.
 """
 
@@ -56,8 +57,7 @@ def thread_share(processes: int = 1) -> int:
 def share_cores(processes: int = 1) -> int:
     """Set this job's thread count for this process and every process it starts (the user's OMP_NUM_THREADS when
     set, else `thread_share`); call it before torch is imported. Returns the count."""
-    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
-    threads = int(chosen) if chosen.isdigit() and int(chosen) > 0 else thread_share(processes)
+    threads = _threads_set() or thread_share(processes)
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, str(threads))
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -66,6 +66,10 @@ def share_cores(processes: int = 1) -> int:
 
 def job_cores() -> int:
     """The cores this job's processes on this machine use together: each one's share times their number."""
-    share = os.environ.get("OMP_NUM_THREADS", "").strip()
-    per_process = int(share) if share.isdigit() and int(share) > 0 else usable_cores()
-    return per_process * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return (_threads_set() or usable_cores()) * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _threads_set() -> int | None:
+    """The thread count OMP_NUM_THREADS sets (the user's, or this job's share), if it sets a valid one."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
