@@ -468,7 +468,17 @@ def plan(
     plans = plan_recipe(recipe, set_ or [], gpu_memory_gb=gpu_memory, gpus=gpus)
     if as_json:
         _print_json([p.as_dict() for p in plans])
-        return
+    else:
+        _plan_table(plans)
+    if split := [p.split_problem for p in plans if p.split_problem]:
+        raise AlignError(f"{'; '.join(split)}: choose a micro_batch_size that does (largest that fits shown)")
+    if not all(p.fits for p in plans):
+        raise AlignError(f"does not fit {gpu_memory:g} GB per GPU: lower micro_batch_size (largest that fits shown), "
+                         "or enable runtime.gradient_checkpointing, quantization or zero_stage 3")
+
+
+def _plan_table(plans) -> None:
+    """align plan's table: each stage's terms, total, fit and largest micro-batch."""
     table = Table("stage", "micro", "tokens", "weights", "activations", "logits", "other", "total", "fits",
                   "largest micro")
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
@@ -478,11 +488,6 @@ def plan(
                       "yes" if p.fits else ("NO (batch split)" if p.split_problem else "NO"),
                       str(p.largest_micro_batch or "none"))
     console.print(table)
-    if split := [p.split_problem for p in plans if p.split_problem]:
-        raise AlignError(f"{'; '.join(split)}: choose a micro_batch_size that does (largest that fits shown)")
-    if not all(p.fits for p in plans):
-        raise AlignError(f"does not fit {gpu_memory:g} GB per GPU: lower micro_batch_size (largest that fits shown), "
-                         "or enable runtime.gradient_checkpointing, quantization or zero_stage 3")
 
 
 AdapterArg = Annotated[Path, typer.Option("--adapter", help="Adapter directory (adapter_config.json + adapter.safetensors).")]

@@ -22,6 +22,7 @@ RECIPE_JSON = "recipe.json"
 METRICS = "metrics.jsonl"
 STAGE_DONE = "stage_done.json"
 CHECKPOINTS = "checkpoints"
+RENDER_CACHE_DIR = "render-cache"  # the run's render caches, unless runtime.render_cache names another folder
 LATEST = "latest"
 
 # Every job's skipped inputs, with reasons (`tools/rejects.py` names them).

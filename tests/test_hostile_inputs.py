@@ -65,6 +65,10 @@ CASES = {
     "render: a folder as conversation": ["render", "tiny-llama", "--conversation", "adir"],
     "caption --out DIR": ["caption", "--adapter", "adir", "--manifest", "afile", "--out", "adir"],
     "import without --out": ["import", "minigpt4qwen", "afile"],
+    "--set a learning rate of infinity": ["validate", "tiny.yaml", "--set", "stages.caption.lr.init_lr=.inf"],
+    "--set a NaN weight decay": ["validate", "tiny.yaml", "--set", "stages.chat.weight_decay=.nan"],
+    "chat --temperature nan": ["chat", "--adapter", "adir", "--temperature", "nan"],
+    "a stage named like a run file": ["validate", "tiny.yaml", "--set", "stages.caption.name=metrics.jsonl"],
 }
 
 

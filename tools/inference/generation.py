@@ -1,5 +1,6 @@
 """Generation from rendered prompts: left-padded batches, the template's stop ids and stop strings, token streaming."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,11 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        problems = []
+        problems = [f"{name.replace('_', ' ')} must be a finite number, not {value}"
+                    for name, value in (("temperature", self.temperature), ("top_p", self.top_p),
+                                        ("repetition_penalty", self.repetition_penalty)) if not math.isfinite(value)]
+        if problems:
+            raise AlignError("; ".join(problems))
         if self.max_new_tokens < 1:
             problems.append(f"max new tokens must be at least 1, not {self.max_new_tokens}")
         if self.temperature < 0:

@@ -8,19 +8,24 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from align.words import counted
 from align.adapters.projector import projector_names
+from align.constants import METRICS, RECIPE_JSON, RENDER_CACHE_DIR
 from align.errors import AlignError
+from align.files import FolderLock
+from align.words import counted
 
 
 class RecipeError(AlignError):
     """A recipe that does not validate; the message lists every problem."""
 
 
-class Strict(BaseModel):
-    """Unknown keys are errors."""
+RUN_FILES = frozenset({RECIPE_JSON, METRICS, FolderLock.NAME, RENDER_CACHE_DIR})  # beside the stage folders
 
-    model_config = ConfigDict(extra="forbid")
+
+class Strict(BaseModel):
+    """Unknown keys are errors, and so are infinite or NaN numbers (a rate of .inf trains NaN)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class BackboneRef(Strict):
@@ -87,6 +92,13 @@ class Stage(Strict):
             return (f"stage {self.name}: global_batch_size {self.global_batch_size} does not split into "
                     f"micro-batches of {self.micro_batch_size} over {counted(world_size, 'process')}")
         return None
+
+    @model_validator(mode="after")
+    def _not_a_run_file(self) -> "Stage":
+        # A stage's folder sits beside the run's own files: a stage named like one would break the run folder.
+        if self.name in RUN_FILES:
+            raise ValueError(f"stage name {self.name!r} is a file of the run folder; choose another")
+        return self
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "Stage":

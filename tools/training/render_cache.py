@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
+from align.constants import RENDER_CACHE_DIR
 from align.cpu_threads import job_cores
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
@@ -85,7 +86,7 @@ def settings_for(recipe, spec, stage, num_query_tokens: int) -> RenderSettings:
 
 def cache_root(recipe) -> Path:
     """Where a run's render caches live."""
-    return recipe.runtime.render_cache or recipe.runtime.output_dir / "render-cache"
+    return recipe.runtime.render_cache or recipe.runtime.output_dir / RENDER_CACHE_DIR
 
 
 def render_workers(recipe) -> int:

@@ -1,5 +1,6 @@
 """`align plan`: the planner's arithmetic on hand-computed small shapes, and the shipped 24 GB recipes fit."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,8 @@ def test_plan_command_says_what_does_not_fit():
     assert ok.returncode == 0 and "yes" in ok.stdout
     tight = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml", "--gpu-memory", "12")
     assert tight.returncode == 2 and tight.stderr.startswith("error: does not fit 12 GB per GPU")
+    as_json = run_align("plan", ROOT / "recipes" / "qwen-7b-chat-zh-3090.yaml", "--gpu-memory", "12", "--json")
+    assert as_json.returncode == 2 and not all(p["fits"] for p in json.loads(as_json.stdout))  # exited 0 before
 
 
 def test_the_activation_model_matches_what_autograd_keeps_on_cpu():
