@@ -67,6 +67,7 @@ CASES = {
     "import without --out": ["import", "minigpt4qwen", "afile"],
     "--set a learning rate of infinity": ["validate", "tiny.yaml", "--set", "stages.caption.lr.init_lr=.inf"],
     "--set a NaN weight decay": ["validate", "tiny.yaml", "--set", "stages.chat.weight_decay=.nan"],
+    "--set a rate torch's Adam overflows on": ["validate", "tiny.yaml", "--set", "stages.caption.lr.init_lr=3e38"],
     "chat --temperature nan": ["chat", "--adapter", "adir", "--temperature", "nan"],
     "a stage named like a run file": ["validate", "tiny.yaml", "--set", "stages.caption.name=metrics.jsonl"],
 }

@@ -47,9 +47,10 @@ class DataSource(Strict):
 class Schedule(Strict):
     """MiniGPT-4's schedule: linear warm-up from warmup_lr to init_lr, then cosine down to min_lr."""
 
-    init_lr: float = Field(gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    warmup_lr: float = Field(0.0, ge=0)
+    # Adam's step is the rate itself: above 10 nothing trains, and near float's limit torch's Adam overflows.
+    init_lr: float = Field(gt=0, le=10)
+    min_lr: float = Field(0.0, ge=0, le=10)
+    warmup_lr: float = Field(0.0, ge=0, le=10)
     warmup_steps: int = Field(0, ge=0)
 
 

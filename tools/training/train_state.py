@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from align.errors import AlignError
+from align.errors import AlignError, SharedError
 from align.files import read_json_object, write_atomic
 from align.words import counted
 from align.tools.training.run import Run
@@ -209,6 +209,9 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
     """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
     folder = step_dir(checkpoints, step)
     projector = projector_state(engine, run.recipe.runtime.zero_stage)  # fp32: exact for fp16/bf16 weights too
+    if not all(torch.isfinite(t).all() for t in projector.values()):  # the same on every rank: weights are whole
+        raise SharedError(f"the projector's weights are not finite after step {step}: no checkpoint is written "
+                          f"(the last finite one in {checkpoints} is kept); lower the learning rate")
     state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng_state()}
     problem = None

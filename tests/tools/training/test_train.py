@@ -130,6 +130,31 @@ def test_resume_continues_with_the_runs_own_recipe_and_says_where(workspace, mon
 
 
 @pytest.mark.slow
+def test_a_diverging_stage_stops_and_keeps_its_last_finite_checkpoint(workspace, monkeypatch):
+    # From its third step the loss is NaN (as a diverging rate makes it); before, training went on, logged NaN and
+    # wrote an all-NaN adapter with exit code 0.
+    from align.tools.training import trainer
+
+    real, calls = trainer.micro_batch_loss, {"n": 0}
+
+    def diverging(*args):
+        calls["n"] += 1
+        loss, tokens = real(*args)
+        return (loss * float("nan") if calls["n"] > 4 else loss), tokens  # two micro-batches a step
+
+    monkeypatch.setattr(trainer, "micro_batch_loss", diverging)
+    sets = workspace["sets"] + ["runtime.save_interval=1"]
+    with pytest.raises(AlignError, match="stage caption diverged at step 3: the loss is nan") as error:
+        train(workspace["recipe"], overrides=sets, show_progress=False)
+    caption = workspace["run"] / "caption"
+    assert not (caption / "adapter").exists() and not (caption / "stage_done.json").exists()
+    for step in committed_steps(caption / "checkpoints"):
+        state = load_file(caption / "checkpoints" / f"step{step:08d}" / "rank00000.safetensors")
+        assert all(torch.isfinite(t).all() for t in state.values())
+    assert committed_steps(caption / "checkpoints") == [1, 2] and "checkpoint of step 2 is kept" in str(error.value)
+
+
+@pytest.mark.slow
 def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     """Per-token loss over the global batch: micro-batches of 1, 4 and 16 give the same adapter."""
     adapters = []
