@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from align.errors import AlignError
@@ -78,6 +79,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_mode
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit grayscale: PIL's convert clips every value above 255 to white; scale the 16-bit range to 8 bits.
+        levels = np.asarray(image, dtype=np.float64) * (255 / 65535)
+        return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     return image.convert("RGB")
 
 

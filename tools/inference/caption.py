@@ -112,16 +112,16 @@ def caption_manifest(
                 ref = image_refs(item.record)[0]
                 try:
                     question, reference = question_of(item.record, prompt)
+                    rendered = pipeline.prompt([(question, None)], True, options.max_new_tokens)  # it may not fit
                     image = read_image(resolve_image(ref, item.manifest, image_root))
                 except AlignError as exc:
                     rejects.add(item.where, str(exc))
                     continue
-                batch.append((item, ref, question, reference, image))
+                batch.append((item, ref, question, reference, image, rendered))
             if batch:
                 features = pipeline.image_features([b[4] for b in batch])
-                prompts = [pipeline.prompt([(b[2], None)], True, options.max_new_tokens) for b in batch]
-                replies = pipeline.generate_batch(prompts, features, options)
-                for (item, ref, question, reference, _), reply in zip(batch, replies):
+                replies = pipeline.generate_batch([b[5] for b in batch], features, options)
+                for (item, ref, question, reference, _, _), reply in zip(batch, replies):
                     record = {"line": item.line, "image": ref, "question": question, "prediction": reply}
                     if reference is not None:
                         record["reference"] = reference

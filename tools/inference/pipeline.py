@@ -114,14 +114,18 @@ class Pipeline:
 
     def prompt(self, turns: Sequence[Turn], with_image: bool, room: int = 0) -> Rendered:
         """The generation prompt for a conversation whose last question is unanswered; the image goes in the first
-        kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM."""
+        kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM; a
+        question that does not fit alone is refused."""
         turns = list(turns)
         while True:
             conversation = conversation_from_turns(turns, with_image)
             rendered = render(self.template, conversation, self.tokenizer, system=self.spec.system,
                               num_query_tokens=self.adapter.num_query_tokens)
-            if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions or len(turns) == 1:
+            if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions:
                 return rendered
+            if len(turns) == 1:
+                raise AlignError(f"the question takes {len(rendered.input_ids)} tokens; with {room} for the reply "
+                                 f"that is past the model's context of {self.max_positions}: ask a shorter one")
             turns = turns[1:]
 
     def generate_batch(self, prompts: list[Rendered], features: torch.Tensor, options: GenerationOptions,

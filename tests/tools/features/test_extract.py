@@ -89,6 +89,19 @@ def test_colour_modes_are_converted_unless_strict(tiny_blip2, folder, tmp_path):
         run(manifest, tiny_blip2[1], tmp_path / "store", strict_modes=True)
 
 
+def test_16_bit_grayscale_keeps_its_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values above 255: a dark-to-bright gradient came out pure white.
+    from PIL import Image
+
+    from align.tools.images import read_image
+
+    levels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 … 65520
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    decoded = np.asarray(read_image(tmp_path / "gray16.png"), dtype=np.float64)
+    assert decoded.shape == (64, 64, 3) and (decoded[..., 0] == decoded[..., 2]).all()
+    assert np.abs(decoded[..., 0] - levels / 257).max() <= 0.5
+
+
 def test_fifos_symlink_loops_and_huge_files_are_rejected_without_reading_them(tiny_blip2, tmp_path, monkeypatch):
     from align.tools import images
 

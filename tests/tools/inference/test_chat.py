@@ -191,6 +191,9 @@ def test_old_exchanges_are_dropped_when_the_prompt_would_not_fit(pipeline):
     prompt = pipeline.prompt(turns, with_image=True, room=64)
     assert len(prompt.input_ids) + 64 <= pipeline.max_positions
     assert prompt.text.count("<ImageHere>") == 1 and "What now?" in prompt.text
+    # One question longer than the context alone ran past it; it is refused.
+    with pytest.raises(AlignError, match="past the model's context of"):
+        pipeline.prompt([("Describe this image. " * 200, None)], with_image=True, room=64)
 
 
 def test_stored_features_equal_the_encoder_run(pipeline, home):
@@ -275,19 +278,21 @@ def test_caption_manifest_skips_bad_records_and_resumes(pipeline, home, tmp_path
                    {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "green"}]},
                {"image": str(tmp_path / "broken.png"), "caption": "x"},
                {"caption": "no image"},
-               {"image": str(data / "2.png"), "caption": "a blue picture"}]
+               {"image": str(data / "2.png"), "caption": "a blue picture"},
+               {"image": str(data / "3.png"), "conversations": [  # a question longer than the model's context
+                   {"from": "human", "value": "<image>\n" + "Describe this image. " * 200}]}]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
     out = tmp_path / "preds.jsonl"
     summary = caption_manifest(pipeline, manifest, out, options=GREEDY, batch_size=2, progress=False)
-    assert (summary.captioned, summary.rejected) == (3, 3)
+    assert (summary.captioned, summary.rejected) == (3, 4)
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["line"] for p in predictions] == [1, 2, 5]
     assert predictions[1]["question"] == "What colour is it?" and predictions[1]["reference"] == "green"
     assert predictions[0]["prediction"] == pipeline.generate(data / "0.png", "Describe this image.", GREEDY)
     reasons = [json.loads(line)["reason"] for line in rejects_path(out).read_text().splitlines()]
     assert any("cannot read image" in r for r in reasons) and any("exactly one image" in r for r in reasons)
-    assert any("malformed manifest line" in r for r in reasons)
+    assert any("malformed manifest line" in r for r in reasons) and any("past the model's context" in r for r in reasons)
 
     out.write_text(out.read_text().splitlines()[0] + "\n" + '{"line": 2, "ima')  # a write cut by a kill
     again = caption_manifest(pipeline, manifest, out, options=GREEDY, batch_size=2, progress=False)
