@@ -5,6 +5,8 @@ A user entry named like a preset is that preset added with a local model path; i
 
 import os
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,11 +37,19 @@ def user_registry_dir() -> Path:
     return align_home() / "backbones"
 
 
+MAX_ENTRY_BYTES = 1 << 16  # a backbone entry is a few hundred bytes
+
+
 def _load_spec(path: Path) -> BackboneSpec:
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+            raise BackboneError(f"backbone file {path} is not a regular file")
+        if info.st_size > MAX_ENTRY_BYTES:
+            raise BackboneError(f"backbone file {path} is {info.st_size} bytes; an entry is under {MAX_ENTRY_BYTES}")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         spec = BackboneSpec.model_validate(data)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise BackboneError(f"cannot read backbone file {path}: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors())
@@ -49,14 +59,31 @@ def _load_spec(path: Path) -> BackboneSpec:
     return spec
 
 
-def _load_dir(directory: Path) -> dict[str, BackboneSpec]:
+def _load_dir(directory: Path, skip_bad: bool = False) -> dict[str, BackboneSpec]:
+    """Every entry of a folder; with `skip_bad`, an entry that cannot be read is skipped with a one-line warning
+    (once per process) instead of stopping every command."""
     specs: dict[str, BackboneSpec] = {}
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
-        spec = _load_spec(path)
+        try:
+            spec = _load_spec(path)
+        except BackboneError as exc:
+            if not skip_bad:
+                raise
+            _warn_once(f"warning: skipping a backbone entry: {exc}")
+            continue
         if spec.name in specs:
             raise DuplicateNameError(f"backbone '{spec.name}' is defined twice in {directory}")
         specs[spec.name] = spec
     return specs
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 @cache
@@ -66,8 +93,8 @@ def presets() -> dict[str, BackboneSpec]:
 
 
 def user_entries() -> dict[str, BackboneSpec]:
-    """The user's added backbones, by name."""
-    return _load_dir(user_registry_dir())
+    """The user's added backbones, by name (an entry that cannot be read is skipped, with a warning naming it)."""
+    return _load_dir(user_registry_dir(), skip_bad=True)
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,21 @@ def test_add_backbone_reads_chat_template_jinja_and_checks_it_against_transforme
     assert result.spec.template == "hf-chat"
     compared = next(c for c in result.checks if c.name == "equals the model's own apply_chat_template")
     assert compared.detail.endswith("id for id")
+
+
+def test_one_bad_entry_in_align_home_is_skipped_with_a_warning_naming_it(align_home, capsys):
+    import os
+
+    from align.backbones.registry import get_backbone, list_backbones, user_registry_dir
+
+    folder = user_registry_dir()
+    folder.mkdir(parents=True)
+    (folder / "broken.yaml").write_text("name: [unclosed")
+    (folder / "huge.yaml").write_text("# " + "x" * 200_000)
+    os.mkfifo(folder / "fifo.yaml")  # reading it would block every command forever
+    (folder / "wrong.yaml").write_text("name: wrong\nhidden_size: -3\n")
+    names = {entry.spec.name for entry in list_backbones()}
+    assert "qwen-7b-chat" in names and get_backbone("qwen-7b-chat").hidden_size == 4096
+    warnings = capsys.readouterr().err.splitlines()
+    for bad in ("broken", "huge", "fifo", "wrong"):
+        assert sum(f"{bad}.yaml" in line and line.startswith("warning: skipping") for line in warnings) == 1
