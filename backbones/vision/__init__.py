@@ -11,6 +11,8 @@ from align.backbones.vision.registry import EncoderError, encoder_query_count, l
 
 def export_encoder(source: Path | str, out: Path | str) -> Encoder:
     """Write the encoder of any layout as a compact align encoder directory (config + one safetensors file)."""
+    if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
+        raise EncoderError(f"--out {out} is the encoder being exported; write it to another folder")
     encoder = load_encoder(source)
     save_encoder(encoder, out)
     return encoder

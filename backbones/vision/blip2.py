@@ -12,6 +12,8 @@ Weights are read with safetensors or `torch.load(weights_only=True)`; no pickle 
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Bli
 from align import __version__
 from align.backbones.vision.registry import EncoderError, EncoderKind, register_encoder_kind
 from align.constants import ENCODER_CONFIG, ENCODER_WEIGHTS
-from align.files import read_json_object, write_atomic
+from align.files import read_json_object, replace_dir, write_atomic
 from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.vision.preprocessing import Preprocessing
 
@@ -267,9 +269,20 @@ def detect_release(path: Path):
 
 
 def save_encoder(encoder: Encoder, out: Path | str) -> Path:
-    """Write an encoder in align's own layout, which `load_encoder` reads back exactly."""
+    """Write an encoder in align's own layout, which `load_encoder` reads back exactly. Both files are written aside
+    and put in place together, so a kill never leaves new weights beside an old config."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        _write_encoder(encoder, staging)
+        replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_encoder(encoder: Encoder, out: Path) -> None:
     state = {name: tensor.contiguous() for name, tensor in encoder.module.state_dict().items()}
     save_file(state, str(out / ENCODER_WEIGHTS), metadata={"format": FORMAT})
     meta = {
@@ -285,7 +298,6 @@ def save_encoder(encoder: Encoder, out: Path | str) -> Path:
         "weights_digest": encoder.weights_digest,
     }
     write_atomic(out / ENCODER_CONFIG, json.dumps(meta, indent=2, sort_keys=True))
-    return out
 
 
 def _plain(config: Blip2VisionConfig | Blip2QFormerConfig) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from align.constants import ENCODER_CONFIG
 from align.errors import AlignError
 from align.named import Registry
-from align.files import read_json_object
+from align.files import read_json_object, recover_dir
 
 
 class EncoderError(AlignError):
@@ -57,5 +57,6 @@ def encoder_query_count(path: Path | str) -> int:
 def load_encoder(path: Path | str):
     """The frozen encoder in `path`: align's export (by its `kind`), else a release layout some kind recognises."""
     path = Path(path).expanduser()
+    recover_dir(path)  # an export over it that a kill interrupted: the previous version is whole again
     kind, meta = _kind_of(path)
     return kind.load_export(path, meta) if meta is not None else kind.detect(path)(path)

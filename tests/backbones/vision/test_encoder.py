@@ -45,6 +45,31 @@ def test_export_round_trips(tiny_blip2, tmp_path):
     assert again.preprocessing == Preprocessing(image_size=28)
 
 
+def test_an_export_over_an_encoder_is_whole_or_not_there_and_never_onto_its_source(tiny_blip2, tmp_path, monkeypatch):
+    # A kill while exporting over an existing encoder left new weights beside the old config: every later use failed.
+    from align.backbones.vision import blip2 as blip2_module
+    from blip2_tiny import build_tiny_blip2, save_hf
+
+    first = export_encoder(tiny_blip2[1], tmp_path / "enc")
+    other = save_hf(build_tiny_blip2(seed=7), tmp_path / "other")
+
+    def killed(encoder, out):  # the process dies after the weights, before the config
+        blip2_module.save_file({"x": __import__("torch").zeros(1)}, str(out / "encoder.safetensors"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blip2_module, "_write_encoder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_encoder(other, tmp_path / "enc")
+    monkeypatch.undo()
+    assert load_encoder(tmp_path / "enc").weights_digest == first.weights_digest  # the previous one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "other"]  # nothing half-written beside it
+    second = export_encoder(other, tmp_path / "enc")
+    assert load_encoder(tmp_path / "enc").weights_digest == second.weights_digest != first.weights_digest
+    with pytest.raises(EncoderError, match="is the encoder being exported"):
+        export_encoder(tmp_path / "enc", tmp_path / "enc")
+    assert load_encoder(tmp_path / "enc").weights_digest == second.weights_digest
+
+
 def test_tampered_export_is_refused(tiny_blip2, tmp_path):
     from safetensors.torch import load_file, save_file
 
