@@ -86,6 +86,8 @@ def record_images(record: Mapping) -> tuple[str, ...]:
         raise ConversationError("'image' must be a string or a list of strings")
     if any(not i.strip() for i in images):
         raise ConversationError("'image' names an empty path")
+    if any("\0" in i for i in images):
+        raise ConversationError("'image' holds a NUL character, which no path can")
     return tuple(images)
 
 
@@ -104,8 +106,8 @@ def _turns_of(record: Mapping) -> list[tuple[str, str]]:
             raise ConversationError(f"message {i}: must be an object with from/value or role/content")
         role = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
-        if role not in _ROLE_ALIASES:
-            raise ConversationError(f"message {i}: unknown role {role!r} (use human/gpt or user/assistant)")
+        if not isinstance(role, str) or role not in _ROLE_ALIASES:
+            raise ConversationError(f"message {i}: unknown role {str(role)[:40]!r} (use human/gpt or user/assistant)")
         if not isinstance(value, str):
             raise ConversationError(f"message {i}: its value/content must be a string")
         turns.append((_ROLE_ALIASES[role], value))

@@ -86,6 +86,8 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
         return None, f"malformed manifest line: {exc}"
     except RecursionError:
         return None, "malformed manifest line: JSON nested too deeply"
+    except ValueError as exc:  # an integer of over 4,300 digits (Python's guard against slow conversions)
+        return None, f"malformed manifest line: {str(exc).split(';')[0]}"
     if not isinstance(record, dict):
         return None, "malformed manifest line: not a JSON object"
     try:
