@@ -22,6 +22,21 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     os.replace(tmp.name, path)
 
 
+def open_own(path: Path, mode: str = "a"):
+    """Open a file a job creates or keeps writing to (`a` appends, `a+` reads too), never through a symbolic link:
+    a link planted in a shared output folder would otherwise turn the job into a writer of whatever it points at."""
+    path = Path(path)
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise AlignError(f"{path} is a symbolic link; align writes no file through a link it did not make: "
+                             "remove it") from None
+        raise AlignError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def read_json_object(path: Path, error: type[AlignError] = AlignError) -> dict:
     """The JSON object in `path`, or `error` with one line naming the file and what is wrong."""
     try:
@@ -74,7 +89,7 @@ class FolderLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a+")
+        self._file = open_own(self.path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

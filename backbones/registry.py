@@ -121,6 +121,9 @@ def get_backbone(name: str) -> BackboneSpec:
         return added[name]
     if name in presets():
         return presets()[name]
+    entry = user_registry_dir() / f"{name}.yaml"
+    if re.fullmatch(NAME_PATTERN, name) and (entry.exists() or entry.is_symlink()):
+        _load_spec(entry)  # skipped as unreadable: asked for by name, say why
     raise UnknownNameError(
         "backbone", name, set(added) | set(presets()),
         hint=" Add a new one with `align add-backbone NAME --model PATH --template T`.",

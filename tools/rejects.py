@@ -8,6 +8,7 @@ from pathlib import Path
 import jsonlines
 
 from align.constants import REJECTS
+from align.files import open_own
 
 
 def rejects_path(output: Path) -> Path:
@@ -33,15 +34,15 @@ class RejectLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.counts: Counter[str] = Counter()
         self._seen: set[tuple[str, str]] = set()
-        if self.path.is_file():
-            with self.path.open(encoding="utf-8") as lines:
-                for line in lines:
-                    try:
-                        old = json.loads(line)
-                        self._seen.add((old["source"], old["reason"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line torn by a kill: harmless, the reject will be logged again
-        self._writer = jsonlines.open(self.path, mode="a", flush=True, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        self._file = open_own(self.path, "a+")  # never through a link planted where the log goes
+        self._file.seek(0)
+        for line in self._file:
+            try:
+                old = json.loads(line)
+                self._seen.add((old["source"], old["reason"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a kill: harmless, the reject will be logged again
+        self._writer = jsonlines.Writer(self._file, flush=True, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
     def add(self, source: str, reason: str, **extra) -> None:
         """Record that `source` was skipped because of `reason`."""
@@ -59,3 +60,4 @@ class RejectLog:
     def close(self) -> None:
         """Flush and close the file."""
         self._writer.close()
+        self._file.close()

@@ -9,7 +9,7 @@ from rich.progress import Progress
 
 from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
-from align.files import write_atomic
+from align.files import open_own, write_atomic
 from align.templates import conversation_from_record
 from align.tools.inference.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
@@ -104,7 +104,7 @@ def caption_manifest(
             pending.append(item)
 
     columns = progress_columns("[bold]caption[/bold]", unit="images")
-    with out.open("a", encoding="utf-8") as predictions, Progress(*columns, disable=not progress) as bar:
+    with open_own(out) as predictions, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("caption", total=len(pending))
         for i in range(0, len(pending), batch_size):
             batch = []

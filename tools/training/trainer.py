@@ -34,7 +34,7 @@ from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import get_backbone
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
 from align.errors import SharedError
-from align.files import write_atomic
+from align.files import open_own, write_atomic
 from align.templates import IGNORE_INDEX
 from align.words import counted
 from align.tools.feature_store import FeatureStore
@@ -356,7 +356,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         print(f"resuming stage {stage.name} at step {start} of {total}" if start else
               f"starting stage {stage.name}: no checkpoint to resume from", flush=True)
     with ExitStack() as files:
-        metrics = files.enter_context((runtime.output_dir / METRICS).open("a")) if run.main else None
+        metrics = files.enter_context(open_own(runtime.output_dir / METRICS)) if run.main else None
         if data.rejects is not None:
             files.callback(data.rejects.close)
         run_steps(run, stage, data, engine, scheduler, start, total, stats, show_progress, metrics)
