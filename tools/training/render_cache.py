@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from rich.progress import Progress
 
 from align.constants import RENDER_CACHE_DIR
@@ -243,8 +244,15 @@ def _render_chunk(task: tuple[int, int, str, int, int, int, str]) -> dict:
 
 
 def build_cache(settings: RenderSettings, root: Path, workers: int, progress: bool) -> Path:
-    """Render every manifest of `settings` into a new cache under `root` (in `workers` processes); its folder."""
+    """Render every manifest of `settings` into a new cache under `root` (in `workers` processes); its folder. One
+    builder per key at a time: a second run sharing the cache root waits for the first and reuses its cache."""
     key = cache_key(settings, store_shard_names(Path(settings.store)))
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{key}.lock"):
+        return _build_locked(settings, root, key, workers, progress)
+
+
+def _build_locked(settings: RenderSettings, root: Path, key: str, workers: int, progress: bool) -> Path:
     final = root / key
     if (final / "meta.json").is_file():
         problem = damage(final)
@@ -253,8 +261,7 @@ def build_cache(settings: RenderSettings, root: Path, workers: int, progress: bo
         print(f"note: render cache {final} is damaged ({problem}); building it again", file=sys.stderr, flush=True)
         shutil.rmtree(final)
     started = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{key}.tmp-*"):
+    for stale in root.glob(f"{key}.tmp-*"):  # a killed builder's (the lock says no builder of this key is alive)
         shutil.rmtree(stale, ignore_errors=True)
     work = root / f"{key}.tmp-{os.getpid()}"
     parts = work / "parts"

@@ -120,6 +120,29 @@ def test_a_damaged_render_cache_is_built_again(workspace, tmp_path, capsys):
     assert RenderCache(path).samples(np.arange(3), epoch=0) == expected
 
 
+def test_a_second_builder_of_the_same_cache_waits_and_reuses_it(workspace, tmp_path):
+    # Two runs sharing runtime.render_cache: the second deleted the first's live `<key>.tmp-*` folder.
+    import threading
+
+    from filelock import FileLock
+
+    made = settings(workspace, [workspace["manifest"]])
+    key = render_cache.cache_key(made, render_cache.store_shard_names(Path(made.store)))
+    root = tmp_path / "caches"
+    root.mkdir()
+    live = root / f"{key}.tmp-999999"  # the first builder, at work
+    live.mkdir()
+    built = {}
+    with FileLock(root / f".{key}.lock"):
+        second = threading.Thread(target=lambda: built.update(path=build_cache(made, root, workers=1, progress=False)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and live.is_dir()  # it waits; the live builder's folder is untouched
+    # The first builder was killed without a cache: the second, now alone, clears its leftovers and builds it.
+    second.join()
+    assert built["path"] == root / key and len(RenderCache(built["path"])) == 16 and not live.exists()
+
+
 def test_a_prompted_caption_record_keeps_its_system_text():
     record = prompted({"image": "x.png", "caption": "a red picture", "system": "You describe pictures."}, "Describe.")
     conversation = training_conversation(record)
