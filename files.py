@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from align.errors import AlignError
@@ -76,9 +77,25 @@ def replace_dir(staging: Path, directory: Path) -> None:
         os.replace(staging, directory)
 
 
+_HELD: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child (a decode worker, say) drop the copies of the job's lock files: a flock belongs to the open
+    file, so a child that outlived a killed parent would otherwise hold the folder forever."""
+    for lock in list(_HELD):
+        if lock._file is not None:
+            lock._file.close()  # this process's copy only: no LOCK_UN, the parent keeps its lock while it lives
+            lock._file = None
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class FolderLock:
     """An exclusive lock on a folder for the length of a job (`.align.lock` inside it, held with flock): a second
-    job on the same folder is refused, naming the holder, instead of mixing its files with the first one's."""
+    job on the same folder is refused, naming the holder, instead of mixing its files with the first one's. Forked
+    children never hold it."""
 
     NAME = ".align.lock"
 
@@ -102,8 +119,10 @@ class FolderLock:
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}")
         self._file.flush()
+        _HELD.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _HELD.discard(self)
         if self._file is not None:
             self._file.close()  # closing releases the lock

@@ -38,3 +38,23 @@ def test_logs_and_outputs_are_never_appended_through_a_link(tmp_path, victim):
     with open_own(tmp_path / "plain.jsonl") as plain:
         plain.write("two\n")
     assert (tmp_path / "plain.jsonl").read_text() == "one\ntwo\n"
+
+
+def test_a_forked_child_never_keeps_the_lock_of_a_killed_parent(tmp_path):
+    # Above 128 images extraction forks decode workers; SIGTERM killed the parent and an orphan worker held the
+    # store "in use by pid <dead>" forever.
+    import subprocess
+    import sys
+
+    code = f"""
+import os, time
+from align.files import FolderLock
+lock = FolderLock(__import__("pathlib").Path({str(tmp_path)!r}), "store").__enter__()
+if os.fork() == 0:
+    time.sleep(30)  # the orphaned worker
+    os._exit(0)
+os._exit(0)  # the parent dies without releasing anything, as under SIGKILL
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    with FolderLock(tmp_path, "store"):  # free again, while the orphan still sleeps
+        pass

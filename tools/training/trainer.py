@@ -70,25 +70,28 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StopOnInterrupt:
-    """Turns Ctrl-C into a request that the training loop honours at the end of the running step."""
+    """Turns Ctrl-C, and SIGTERM (a timeout, SLURM, Kubernetes, systemd stopping the job), into a request that the
+    training loop honours at the end of the running step: it saves a checkpoint and stops."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._request)
+            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
         return self
 
     def _request(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:  # a second one stops at once
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 @dataclass

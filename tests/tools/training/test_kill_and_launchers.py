@@ -74,6 +74,30 @@ def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace)
 
 
 @pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_resumes_exactly(workspace):
+    # A timeout, SLURM, Kubernetes or systemd stops a job with SIGTERM: before, training saved nothing.
+    reference = workspace["run"] / "reference"
+    done = subprocess.run(align_train(workspace, reference), env=workspace["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cut = workspace["run"] / "cut"
+    process = subprocess.Popen(align_train(workspace, cut), env=workspace["env"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and metric_lines(cut) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 2 and "a checkpoint was saved" in stderr, stderr[-2000:]
+    assert list((cut / "caption" / "checkpoints").glob("step*/state.json"))
+    finish = subprocess.run(align_train(workspace, cut, "--resume"), env=workspace["env"], capture_output=True,
+                            text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    for want, got in zip(adapters(reference), adapters(cut)):
+        assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+@pytest.mark.slow
 def test_two_nodes_under_torchrun_train_as_one_process(workspace):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     one = workspace["run"] / "one"
