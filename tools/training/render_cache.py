@@ -105,14 +105,15 @@ def _file_digest(path: Path) -> str:
 
 
 def cache_key(settings: RenderSettings, store_shards: list[str]) -> str:
-    """The cache's name: a hash of the settings, the manifests' and tokenizer files' contents, the store's shards
-    and the rendering code's version."""
+    """The cache's name: a hash of the settings, the manifests' and tokenizer files' contents, what the store's rows
+    mean (its encoder and every shard's index: keys, rows and source paths, not just the shards' names) and the
+    rendering code's version."""
     model = Path(settings.model)
     tokenizer_files = {n: _file_digest(model / n) for n in TOKENIZER_FILES if (model / n).is_file()}
     described = {
         "format": [FORMAT, FORMAT_VERSION, RENDER_CODE_VERSION], "settings": asdict(settings),
         "manifests": [_file_digest(Path(m)) for m in settings.manifests], "tokenizer": tokenizer_files,
-        "store_shards": store_shards,
+        "store_shards": store_shards, "store": store_digest(Path(settings.store), store_shards),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -304,6 +305,19 @@ def _build_locked(settings: RenderSettings, root: Path, key: str, workers: int, 
     except OSError:  # another builder (a node sharing this folder) finished first: its cache is the same
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def store_digest(store: Path, shards: list[str]) -> str:
+    """A hash of what a store's rows mean: its encoder fingerprint and each committed shard's index file. A store
+    deleted and extracted again in another order into the same path has other contents under the same names."""
+    from align.constants import STORE_META, STORE_SHARDS
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(read_json_object(store / STORE_META).get("encoder_fingerprint")).encode())
+    for name in shards:
+        digest.update(name.encode())
+        digest.update(bytes.fromhex(_file_digest(store / STORE_SHARDS / f"{name}.json")))
+    return digest.hexdigest()
 
 
 def store_shard_names(store: Path) -> list[str]:

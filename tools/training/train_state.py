@@ -193,6 +193,7 @@ class Stats:
     skipped: list[int] = field(default_factory=list)
     last_loss: float | None = None
     muted: int = 0  # samples that learnt nothing because their features were not finite
+    data: str | None = None  # the render cache's key: manifests, tokenizer, template and store the stage trains on
 
 
 def projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -221,8 +222,8 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
         problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
     run.ranks.fail_together(problem, f"another rank could not write the checkpoint of step {step}")
     if run.main:
-        commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied,
-                                    "skipped": stats.skipped, "last_loss": stats.last_loss, "muted": stats.muted})
+        commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied, "skipped": stats.skipped,
+                        "last_loss": stats.last_loss, "muted": stats.muted, "data": stats.data})
     run.ranks.barrier()
     prune(checkpoints, run.recipe.runtime.keep_checkpoints, run.ranks.rank, run.main)
 
@@ -251,7 +252,8 @@ def restore(run: Run, engine, scheduler, checkpoints: Path) -> tuple[int, Stats]
             if problems and run.main:
                 print(f"note: {'; '.join(problems)}; resuming from step {step}", flush=True)
             load_state(run, engine, scheduler, state)
-            return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0))
+            return step, Stats(info["applied"], list(info["skipped"]), info["last_loss"], info.get("muted", 0),
+                               info.get("data"))
         problems.append(f"checkpoint step {step} is damaged ({problem or 'on another rank'})")
     raise AlignError(f"{checkpoints}: no readable checkpoint ({'; '.join(problems)}); --overwrite starts over")
 

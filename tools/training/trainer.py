@@ -355,6 +355,12 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     engine, scheduler = make_engine(run, stage, previous, total)
     checkpoints = stage_dir / CHECKPOINTS
     start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
+    key = data.cache.meta["key"]
+    if stats.data not in (None, key):
+        raise SharedError(f"stage {stage.name}: its data changed since the checkpoint of step {start} (the manifests, "
+                          f"the tokenizer, the template or the feature store: render cache {stats.data} → {key}); "
+                          "resume with the data it started with, or --overwrite to start over")
+    stats.data = key
     if resume and show_progress and run.main:
         print(f"resuming stage {stage.name} at step {start} of {total}" if start else
               f"starting stage {stage.name}: no checkpoint to resume from", flush=True)

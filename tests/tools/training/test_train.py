@@ -155,6 +155,24 @@ def test_a_diverging_stage_stops_and_keeps_its_last_finite_checkpoint(workspace,
 
 
 @pytest.mark.slow
+def test_resume_refuses_data_that_changed_since_the_checkpoint(workspace, monkeypatch, tmp_path):
+    # Captions rewritten after a checkpoint: --resume went on (loss 0.8 → 9.3, exit 0) since only the recipe was
+    # compared. The checkpoint records its data (the render cache's key) and a change is refused.
+    manifest = tmp_path / "captions.jsonl"
+    shutil.copy(workspace["manifest"], manifest)
+    sets = [s for s in workspace["sets"] if "manifest=" not in s] + [
+        f"stages.caption.data.0.manifest={manifest}", f"stages.chat.data.0.manifest={manifest}",
+        f"stages.caption.data.0.image_root={workspace['manifest'].parent}",
+        f"stages.chat.data.0.image_root={workspace['manifest'].parent}", "stages.caption.epochs=2",
+        "stages.chat.epochs=1"]
+    cut = workspace["run"] / "cut"
+    train_until_ctrl_c(workspace, monkeypatch, 5, output=cut, overrides=sets)
+    manifest.write_text(manifest.read_text().replace("picture", "painting"))
+    with pytest.raises(AlignError, match="stage caption: its data changed since the checkpoint of step 3"):
+        train(workspace["recipe"], output=cut, resume=True, overrides=sets, show_progress=False)
+
+
+@pytest.mark.slow
 def test_adapter_does_not_depend_on_the_micro_batch_size(workspace):
     """Per-token loss over the global batch: micro-batches of 1, 4 and 16 give the same adapter."""
     adapters = []

@@ -143,6 +143,23 @@ def test_a_second_builder_of_the_same_cache_waits_and_reuses_it(workspace, tmp_p
     assert built["path"] == root / key and len(RenderCache(built["path"])) == 16 and not live.exists()
 
 
+def test_the_cache_key_follows_what_the_store_rows_mean_not_its_shard_names(workspace, tmp_path):
+    # A store deleted and extracted again in another order into the same path kept its shard names: the old cache
+    # was reused and every sample pointed at another image's row.
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(workspace["features"], store)
+    made = settings(workspace, [workspace["manifest"]], store=str(store))
+    names = render_cache.store_shard_names(store)
+    before = render_cache.cache_key(made, names)
+    index = store / "shards" / f"{names[0]}.json"
+    record = json.loads(index.read_text())
+    record["keys"][0], record["keys"][1] = record["keys"][1], record["keys"][0]  # two images' rows swapped
+    index.write_text(json.dumps(record))
+    assert render_cache.store_shard_names(store) == names and render_cache.cache_key(made, names) != before
+
+
 def test_a_prompted_caption_record_keeps_its_system_text():
     record = prompted({"image": "x.png", "caption": "a red picture", "system": "You describe pictures."}, "Describe.")
     conversation = training_conversation(record)
