@@ -1,15 +1,17 @@
 """`align caption`: batched generation over a manifest into a predictions file that resumes where it stopped."""
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from rich.progress import Progress
 
 from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
-from align.files import open_own, write_atomic
+from align.files import open_own, read_json_object, write_atomic
 from align.templates import conversation_from_record
 from align.tools.inference.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
@@ -85,6 +87,44 @@ def caption_manifest(
     if out.resolve() == Path(manifest).resolve():
         raise AlignError(f"--out {out} is the input manifest; write the predictions elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.with_name(f".{out.name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise AlignError(f"--out {out} is being written by another align caption; wait for it or give another --out") from None
+    try:
+        check_same_job(out, caption_job(pipeline, manifest, prompt, options, image_root))
+        return _caption(pipeline, manifest, out, prompt, options, batch_size, image_root, progress, started)
+    finally:
+        lock.release()
+
+
+def caption_job(pipeline: Pipeline, manifest: Path, prompt: str, options: GenerationOptions,
+                image_root: Path | None) -> dict:
+    """What decides a predictions file: the manifest, the adapter (its config and weights), the prompt, the
+    generation options and the image root."""
+    weights = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(pipeline.model.projector.state_dict().items()):
+        weights.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return {"manifest": str(Path(manifest).resolve()), "adapter": pipeline.adapter.model_dump(mode="json"),
+            "projector": weights.hexdigest(), "prompt": prompt, "options": asdict(options),
+            "image_root": str(image_root.resolve()) if image_root else None}
+
+
+def check_same_job(out: Path, job: dict) -> None:
+    """Continue a predictions file only with the job that wrote it; record the job beside a new one."""
+    recorded = out.with_name(f"{out.name}.job.json")
+    if out.is_file() and out.stat().st_size and recorded.is_file():
+        before = read_json_object(recorded)
+        changed = sorted(k for k in job.keys() | before.keys() if job.get(k) != before.get(k))
+        if changed:
+            raise AlignError(f"--out {out} holds predictions of another job ({', '.join(changed)} differ); give a "
+                             "new --out, or delete it to start over")
+    write_atomic(recorded, json.dumps(job, indent=1, sort_keys=True))
+
+
+def _caption(pipeline: Pipeline, manifest: Path, out: Path, prompt: str, options: GenerationOptions, batch_size: int,
+             image_root: Path | None, progress: bool, started: float) -> CaptionSummary:
     done = _finished_lines(out)
     summary = CaptionSummary(out=str(out))
     rejects = RejectLog(rejects_path(out))

@@ -300,6 +300,26 @@ def test_caption_manifest_skips_bad_records_and_resumes(pipeline, home, tmp_path
     assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 5]
 
 
+def test_a_predictions_file_continues_only_with_its_own_job_and_one_writer(pipeline, home, tmp_path):
+    # Continued by line number alone, another prompt, adapter or manifest was silently skipped; two jobs on one
+    # --out both wrote every record.
+    from filelock import FileLock
+
+    data = home["manifest"].parent
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": str(data / f"{i}.png"), "caption": "x"}) for i in range(3)))
+    out = tmp_path / "preds.jsonl"
+    caption_manifest(pipeline, manifest, out, options=GREEDY, progress=False)
+    again = caption_manifest(pipeline, manifest, out, options=GREEDY, progress=False)
+    assert (again.already_done, again.captioned) == (3, 0)  # the same job continues
+    with pytest.raises(AlignError, match="holds predictions of another job \\(options, prompt differ\\)"):
+        caption_manifest(pipeline, manifest, out, prompt="What colour is it?", options=GenerationOptions(max_new_tokens=9),
+                         progress=False)
+    with FileLock(tmp_path / ".preds.jsonl.lock"):  # another align caption at work on it
+        with pytest.raises(AlignError, match="is being written by another align caption"):
+            caption_manifest(pipeline, manifest, out, options=GREEDY, progress=False)
+
+
 @pytest.mark.parametrize("template,expected", [("caption", "vicuna-v1.1"), ("minigpt4-vicuna0", "minigpt4-vicuna0"),
                                                ("chatml", None)])
 def test_inference_uses_the_adapters_template_and_refuses_one_that_does_not_fit(home, adapter, tiny_blip2, tmp_path,
