@@ -49,8 +49,23 @@ def read_json_object(path: Path, error: type[AlignError] = AlignError) -> dict:
     return data
 
 
+# The names of the folders a replacement makes beside its target: distinctive, so that align removes only what it
+# made itself, never a user's `.adapter.old` or `.adapter.backup`.
+STAGING_INFIX, REPLACED_SUFFIX = ".align-staging-", ".align-replaced"
+
+
 def _old(directory: Path) -> Path:
-    return directory.with_name(f".{directory.name}.old")
+    return directory.with_name(f".{directory.name}{REPLACED_SUFFIX}")
+
+
+def staging_dir(directory: Path) -> Path:
+    """A new, empty folder beside `directory` to write its next version in (then `replace_dir`); the folders that
+    killed writers left there are removed first."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}{STAGING_INFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}{STAGING_INFIX}"))
 
 
 def recover_dir(directory: Path) -> None:

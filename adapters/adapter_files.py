@@ -1,8 +1,6 @@
 """Adapter directories: `adapter_config.json` (what the projector fits) + `adapter.safetensors` (its weights)."""
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from align.adapters.projector import build_projector
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
-from align.files import recover_dir, replace_dir, write_atomic
+from align.files import recover_dir, replace_dir, staging_dir, write_atomic
 
 
 
@@ -73,15 +71,11 @@ class AdapterConfig(BaseModel):
 def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write both files atomically (a half-written adapter is never left behind under the final name)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging = staging_dir(directory)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
     write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
     replace_dir(staging, directory)
-    for stale in directory.parent.glob(f".{directory.name}.*"):  # staging folders of writers that were killed
-        if stale.is_dir() and not stale.name.endswith(".old"):
-            shutil.rmtree(stale, ignore_errors=True)
     return directory
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Bli
 from align import __version__
 from align.backbones.vision.registry import EncoderError, EncoderKind, register_encoder_kind
 from align.constants import ENCODER_CONFIG, ENCODER_WEIGHTS
-from align.files import read_json_object, replace_dir, write_atomic
+from align.files import read_json_object, replace_dir, staging_dir, write_atomic
 from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.vision.preprocessing import Preprocessing
 
@@ -272,8 +271,7 @@ def save_encoder(encoder: Encoder, out: Path | str) -> Path:
     """Write an encoder in align's own layout, which `load_encoder` reads back exactly. Both files are written aside
     and put in place together, so a kill never leaves new weights beside an old config."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staging = staging_dir(out)
     try:
         _write_encoder(encoder, staging)
         replace_dir(staging, out)

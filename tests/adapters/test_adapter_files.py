@@ -60,7 +60,7 @@ def test_a_kill_at_any_instruction_of_replacing_an_adapter_is_recovered(tmp_path
 
     projector = build_projector("linear", 24, 32)
     target = save_adapter(tmp_path / "adapter", config("linear"), projector.state_dict())
-    old = tmp_path / ".adapter.old"
+    old = tmp_path / ".adapter.align-replaced"
     # Killed after the old version moved aside, before the new one arrived: the old one comes back.
     os.replace(target, old)
     assert load_adapter(target)[0].step == config("linear").step and not old.exists()
@@ -73,3 +73,18 @@ def test_a_kill_at_any_instruction_of_replacing_an_adapter_is_recovered(tmp_path
     shutil.copytree(target, old)
     replace_dir(staging, target)
     assert target.is_dir() and not old.exists() and not staging.exists()
+
+
+def test_writing_and_reading_an_adapter_touch_only_what_align_made(tmp_path):
+    # `.NAME.old` and `.NAME.*` folders of the user's beside an adapter were deleted by the next save or load.
+    projector = build_projector("linear", 24, 32)
+    target = save_adapter(tmp_path / "adapter", config("linear"), projector.state_dict())
+    mine = [tmp_path / ".adapter.old", tmp_path / ".adapter.backup"]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    killed = tmp_path / ".adapter.align-staging-x1y2"  # a writer killed mid-write left this: align's own
+    killed.mkdir()
+    save_adapter(target, config("linear"), projector.state_dict())
+    load_adapter(target)
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in mine) and not killed.exists()
