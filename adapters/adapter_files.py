@@ -107,3 +107,8 @@ def _check_shapes(config: AdapterConfig, state: dict[str, torch.Tensor], where: 
     if found != expected:
         raise AdapterError(f"{where}: the weights {found} are not a {config.projector} projector "
                            f"{config.in_features} → {config.out_features} ({expected})")
+    for name, tensor in state.items():  # a damaged or diverged file would turn every answer into noise
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{where}: weight {name} is {tensor.dtype}, not a floating-point tensor")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{where}: weight {name} holds NaN or infinite values; this adapter cannot be used")
