@@ -43,12 +43,22 @@ def metric_lines(output: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
+def train_to_the_end(ws, output: Path, *extra: str) -> None:
+    """`align train` in its own process, run to its end."""
+    done = subprocess.run(align_train(ws, output, *extra), env=ws["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def assert_same_adapters(a: Path, b: Path) -> None:
+    for want, got in zip(adapters(a), adapters(b)):
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+
+
 @pytest.mark.slow
 def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace):
     reference = workspace["run"] / "reference"
-    done = subprocess.run(align_train(workspace, reference), env=workspace["env"], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train_to_the_end(workspace, reference)
     cut = workspace["run"] / "cut"
     kills = 0
     # Kill after 1, 2, 3 and 2 more steps; the delays land kills inside checkpoint writes as well as between them.
@@ -65,21 +75,15 @@ def test_hard_kills_at_any_moment_resume_to_the_uninterrupted_adapter(workspace)
             kills += 1
         process.wait()
     assert kills >= 3
-    finish = subprocess.run(align_train(workspace, cut, "--resume"), env=workspace["env"], capture_output=True,
-                            text=True, timeout=600)
-    assert finish.returncode == 0, finish.stderr[-2000:]
-    for want, got in zip(adapters(reference), adapters(cut)):
-        for key in want:
-            assert torch.equal(want[key], got[key]), key
+    train_to_the_end(workspace, cut, "--resume")
+    assert_same_adapters(reference, cut)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_resumes_exactly(workspace):
     # A timeout, SLURM, Kubernetes or systemd stops a job with SIGTERM: before, training saved nothing.
     reference = workspace["run"] / "reference"
-    done = subprocess.run(align_train(workspace, reference), env=workspace["env"], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train_to_the_end(workspace, reference)
     cut = workspace["run"] / "cut"
     process = subprocess.Popen(align_train(workspace, cut), env=workspace["env"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -90,11 +94,8 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_resumes_exactly(workspace):
     stderr = process.communicate(timeout=300)[1]
     assert process.returncode == 2 and "a checkpoint was saved" in stderr, stderr[-2000:]
     assert list((cut / "caption" / "checkpoints").glob("step*/state.json"))
-    finish = subprocess.run(align_train(workspace, cut, "--resume"), env=workspace["env"], capture_output=True,
-                            text=True, timeout=600)
-    assert finish.returncode == 0, finish.stderr[-2000:]
-    for want, got in zip(adapters(reference), adapters(cut)):
-        assert all(torch.equal(want[key], got[key]) for key in want)
+    train_to_the_end(workspace, cut, "--resume")
+    assert_same_adapters(reference, cut)
 
 
 @pytest.mark.slow
