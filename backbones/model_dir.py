@@ -40,12 +40,20 @@ def llm_config(path: Path) -> dict:
     return {**config, **config.get("text_config", {})}
 
 
+# Far above any released LLM (hidden sizes reach tens of thousands, vocabularies a few hundred thousand): a config
+# beyond them is damaged or hostile, and would make absurd registry entries and allocations.
+MAX_HIDDEN_SIZE, MAX_VOCAB_SIZE = 1 << 17, 1 << 22
+
+
 def sizes(config: dict, where: Path) -> tuple[int, int]:
-    """(hidden size, vocab size) from a config.json."""
+    """(hidden size, vocab size) from a config.json: whole numbers in a range real models have."""
     hidden = config.get("hidden_size", config.get("n_embd", config.get("d_model")))
     vocab = config.get("vocab_size")
-    if not isinstance(hidden, int) or not isinstance(vocab, int):
-        raise BackboneError(f"{where}/config.json lacks an integer hidden_size or vocab_size")
+    for name, value, most in (("hidden_size", hidden, MAX_HIDDEN_SIZE), ("vocab_size", vocab, MAX_VOCAB_SIZE)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BackboneError(f"{where}/config.json lacks an integer {name} (found {str(value)[:40]!r})")
+        if not 0 < value <= most:
+            raise BackboneError(f"{where}/config.json: {name} {value} is not between 1 and {most}")
     return hidden, vocab
 
 

@@ -240,3 +240,21 @@ def test_one_bad_entry_in_align_home_is_skipped_with_a_warning_naming_it(align_h
     warnings = capsys.readouterr().err.splitlines()
     for bad in ("broken", "huge", "fifo", "wrong"):
         assert sum(f"{bad}.yaml" in line and line.startswith("warning: skipping") for line in warnings) == 1
+
+
+@pytest.mark.parametrize("hidden", [True, "48", float("nan"), -48, 10**12, [48], 48.5])
+def test_a_hostile_config_is_one_line_and_registers_nothing(align_home, hf_chatml_dir, tmp_path, hidden):
+    # A boolean counted as an integer and 10**12 was taken: absurd entries were registered (a negative size was a
+    # pydantic traceback).
+    import json
+    import shutil
+
+    from align.backbones.registry import add_backbone, user_registry_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(hf_chatml_dir, model)
+    config = json.loads((model / "config.json").read_text()) | {"hidden_size": hidden}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="config.json"):
+        add_backbone("hostile", model)
+    assert not (user_registry_dir() / "hostile.yaml").exists()
