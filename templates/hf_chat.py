@@ -125,6 +125,11 @@ class HFChatTemplate(Template):
                                      add_generation_prompt=add_generation_prompt, **self.variables)
         except jinja2.exceptions.TemplateError as exc:
             raise TemplateError(f"the model's chat template refuses this conversation: {exc}") from None
+        except RecursionError:
+            raise TemplateError("the model's chat template recursed without end on this conversation") from None
+        except Exception as exc:  # the template's own arithmetic or filters failing on some content
+            raise TemplateError(f"the model's chat template failed on this conversation: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}") from None
 
     def _reply_end(self) -> tuple[str | None, str]:
         """The first special token the template writes after a reply, and the text between (a sample rendering)."""

@@ -171,3 +171,19 @@ def test_qwen3_is_added_and_chat_renders_what_apply_chat_template_renders(tmp_pa
     for turns in (TURNS[:1], TURNS[:3]):  # the first and the second turn's prompt
         ours = render(template, conversation_from_record(record(None, turns)), tokenizer).input_ids
         assert ours == reference(hf, None, turns)[1]
+
+
+@pytest.mark.parametrize("source,message", [
+    ("{% for m in messages %}{% if 'boom' in m['content'] %}{{ 1 // 0 }}{% endif %}{{ m['content'] }}{% endfor %}",
+     "failed on this conversation: ZeroDivisionError"),
+    ("{% macro r(n) %}{{ r(n) }}{% endmacro %}{% if 'boom' in messages[0]['content'] %}{{ r(1) }}{% endif %}"
+     "{% for m in messages %}{{ m['content'] }}{% endfor %}", "recursed without end"),
+])
+def test_a_template_that_breaks_on_some_content_makes_that_record_a_reject(families, source, message):
+    # A template raising a non-Jinja exception (or recursing) on some content passed add-backbone, then crashed
+    # rendering and training on that record with a traceback.
+    _, tokenizer, _ = families["chatml-generic"]
+    template = HFChatTemplate(source, tokenizer.special_tokens(), tokenizer.template_variables())
+    render(template, conversation_from_record(record(None, [("user", "hi"), ("assistant", "ok")])), tokenizer)
+    with pytest.raises(TemplateError, match=message):
+        render(template, conversation_from_record(record(None, [("user", "boom"), ("assistant", "ok")])), tokenizer)
