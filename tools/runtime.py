@@ -5,6 +5,7 @@ import os
 import socket
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,7 @@ class Ranks:
             return dict(counts)
         everyone: list = [None] * self.world
         dist.all_gather_object(everyone, dict(counts))
-        total: dict[str, int] = {}
-        for one in everyone:
-            for name, count in one.items():
-                total[name] = total.get(name, 0) + count
-        return total
+        return dict(sum(map(Counter, everyone), Counter()))
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over ranks."""
