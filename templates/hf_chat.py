@@ -19,10 +19,10 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from align.errors import NotPrefixStableError, TemplateError
 from align.templates.conversation import ASSISTANT, USER, Conversation, ImageItem, Message
+from align.templates.sandbox import BoundedSandbox, RenderBudgetError, budget
 from align.templates.segments import Control, Image, Segment, Text
 from align.templates.template import HF_CHAT, Template
 
@@ -84,8 +84,9 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    """The template in transformers' environment: sandboxed, trim/lstrip blocks, its filters and globals."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    """The template in transformers' environment (sandboxed, trim/lstrip blocks, its filters and globals), with a
+    budget on what a render may cost."""
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
@@ -121,8 +122,11 @@ class HFChatTemplate(Template):
     def render_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template's own text for these messages (what `apply_chat_template(tokenize=False)` returns)."""
         try:
-            return self.jinja.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.variables)
+            with budget():
+                return self.jinja.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.variables)
+        except RenderBudgetError as exc:
+            raise TemplateError(f"the model's chat template is too costly on this conversation: {exc}") from None
         except jinja2.exceptions.TemplateError as exc:
             raise TemplateError(f"the model's chat template refuses this conversation: {exc}") from None
         except RecursionError:

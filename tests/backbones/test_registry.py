@@ -258,3 +258,17 @@ def test_a_hostile_config_is_one_line_and_registers_nothing(align_home, hf_chatm
     with pytest.raises(BackboneError, match="config.json"):
         add_backbone("hostile", model)
     assert not (user_registry_dir() / "hostile.yaml").exists()
+
+
+def test_a_chat_template_that_would_hang_is_refused_at_add_backbone(align_home, tmp_path, hf_chatml_dir):
+    # Nested range(100000) loops hung add-backbone past 150 s: every render has a budget now.
+    model = tmp_path / "hanging"
+    shutil.copytree(hf_chatml_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" \
+        + config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    result = add_backbone("hanging-llm", model)
+    assert not result.ok
+    assert any("too costly on this conversation: it runs more than" in c.detail for c in result.checks if not c.ok)
+    assert not user_registry_dir().exists() or not list(user_registry_dir().iterdir())

@@ -187,3 +187,48 @@ def test_a_template_that_breaks_on_some_content_makes_that_record_a_reject(famil
     render(template, conversation_from_record(record(None, [("user", "hi"), ("assistant", "ok")])), tokenizer)
     with pytest.raises(TemplateError, match=message):
         render(template, conversation_from_record(record(None, [("user", "boom"), ("assistant", "ok")])), tokenizer)
+
+
+ECHO = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+COSTLY = {  # what the held-out probes ran: each hung add-backbone or asked for gigabytes before renders had a budget
+    "nested range loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops over a string": "{% set s = 'x' * 10000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "a macro that branches": "{% macro b(n) %}{% if n %}{{ b(n - 1) }}{{ b(n - 1) }}{% endif %}{% endmacro %}{{ b(40) }}",
+    "string repetition": "{{ 'a' * 8000000000 }}",
+    "list repetition": "{{ [1] * 10 ** 9 }}",
+    "a huge power": "{{ 2 ** 10000000000 }}",
+    "center()": "{{ 'a'.center(10 ** 10) }}",
+    "the center filter": "{{ 'a' | center(10 ** 10) }}",
+    "a %-format width": "{{ '%9999999999s' % 'a' }}",
+    "a format() width": "{{ '{:>9999999999}'.format('a') }}",
+    "the format filter": "{{ '%9999999999s' | format('a') }}",
+    "doubling with ~": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling with +": "{% set ns = namespace(s='a') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "doubling in a macro": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('a', 60) }}",
+    "replace on the empty string": "{{ ('x' * 4000) | replace('', 'y' * 10000) }}",
+    "a join of large strings": "{{ (['y' * 10000000] * 10) | join }}",
+    "expandtabs": "{{ ('\t' * 1000000).expandtabs(1000) }}",
+    "an endless output": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(COSTLY))
+def test_a_render_that_would_hang_or_exhaust_memory_is_refused(families, case):
+    _, tokenizer, _ = families["chatml-generic"]
+    template = HFChatTemplate(COSTLY[case] + ECHO, tokenizer.special_tokens(), tokenizer.template_variables())
+    with pytest.raises(TemplateError, match="too costly on this conversation: it (runs more|builds|passes)"):
+        template.render_text([{"role": "user", "content": "hi"}], True)
+
+
+def test_the_budget_counts_steps_of_the_render_not_of_the_conversation(families):
+    # Real templates over long conversations stay far inside it; a budget hit on content is that record's reject.
+    _, tokenizer, template = families["qwen2.5-instruct"]
+    long = [(role, text * 50) for role, text in TURNS] * 100
+    render(template, conversation_from_record(record(SYSTEM, long)), tokenizer)
+    costly = HFChatTemplate("{% for m in messages %}{% for c in m['content'] %}{% for d in m['content'] %}{% endfor %}"
+                            "{% endfor %}{{ m['content'] }}{% endfor %}", tokenizer.special_tokens(),
+                            tokenizer.template_variables())
+    render(costly, conversation_from_record(record(None, [("user", "hi"), ("assistant", "ok")])), tokenizer)
+    with pytest.raises(TemplateError, match="too costly"):
+        render(costly, conversation_from_record(record(None, [("user", "x" * 2000), ("assistant", "ok")])), tokenizer)
