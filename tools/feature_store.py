@@ -2,17 +2,22 @@
 
 Layout of a store directory:
   meta.json                 format version, encoder fingerprint, row shape [views, queries, width], dtype, count
-  shards/<writer>-<seq>.f16 fixed-size fp16 rows, raw, append-only (a new file per commit, never rewritten)
-  shards/<writer>-<seq>.json the commit record of that shard: its image keys, a checksum per row, and the sources
-                            (image paths as resolved from manifests) that map to keys
+  shards/<writer>-<seq>.f16 fixed-size fp16 rows, raw, append-only (a new file per commit, never rewritten);
+                            <writer> is run<N>-r<rank>, N counting the extraction jobs into the store
+  shards/<writer>-<seq>.json the commit record of that shard: its image keys, a checksum per row, the sources
+                            (image paths as resolved from manifests) that map to keys, and each source's stamp
+                            (size, mtime in ns) when it was read
   rejects.jsonl             inputs that were skipped, with the reason
 A shard counts only once its .json exists; both files are written to a temporary name and renamed, the .json last,
 so a process killed at any moment leaves a valid store (at worst an orphan .f16 or .tmp, removed on the next write).
-The image key is a hash of the image file's bytes, so duplicate images are encoded once.
+The image key is a hash of the image file's bytes, so duplicate images are encoded once. A path answers with its
+recorded key only while its stamp is unchanged; a changed (or unstamped) file is looked up by its bytes, and
+extraction encodes it again: a later job's record of a source replaces an earlier one's.
 """
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +26,10 @@ import numpy as np
 from align.constants import REJECTS, STORE_META, STORE_SHARDS
 from align.errors import AlignError
 from align.files import read_json_object, write_atomic
-from align.tools.images import BadImage, image_bytes
+from align.tools.images import BadImage, Stamp, file_stamp, image_bytes
 
 FORMAT, FORMAT_VERSION = "align-feature-store", 1
+NOT_IN_STORE = "not in the feature store"
 DTYPE = np.float16
 
 
@@ -59,6 +65,13 @@ def read_shard_record(path: Path) -> dict:
     return record
 
 
+def _stamp(value) -> Stamp | None:
+    """A recorded stamp, or None where a record has none (stores written before stamps) or a damaged one."""
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        return value[0], value[1]
+    return None
+
+
 class FeatureStore:
     """Read and append access to one store directory."""
 
@@ -68,6 +81,7 @@ class FeatureStore:
         self.row_shape: tuple[int, ...] = tuple(meta["row_shape"])
         self.index: dict[str, Location] = {}
         self.sources: dict[str, str] = {}
+        self.stamps: dict[str, Stamp] = {}
         self.checksums: dict[str, str] = {}
         self.physical_rows = 0
         self._maps: dict[str, np.ndarray] = {}
@@ -129,7 +143,8 @@ class FeatureStore:
             raise StoreError(f"store {self.path} holds rows of shape {list(self.row_shape)}, not {list(row_shape)}")
 
     def _load_commits(self) -> None:
-        # Sorted shard names make the first writer of a duplicated key win, in every process and every run.
+        # Sorted shard names (jobs in order) make the first writer of a duplicated key win and the latest job's record
+        # of a source, in every process.
         for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
             self._apply(record_path.stem, read_shard_record(record_path))
 
@@ -139,8 +154,14 @@ class FeatureStore:
             self.index.setdefault(key, Location(shard, row))
             self.checksums.setdefault(key, checksum)
         self.physical_rows += len(record["keys"])
+        stamps = record.get("stamps") if isinstance(record.get("stamps"), dict) else {}
         for source, key in record["sources"].items():
-            self.sources.setdefault(source, key)
+            self.sources[source] = key
+            stamp = _stamp(stamps.get(source))
+            if stamp:
+                self.stamps[source] = stamp
+            else:
+                self.stamps.pop(source, None)
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
@@ -165,38 +186,61 @@ class FeatureStore:
             raise StoreError(f"image {key} is not in the store {self.path}") from None
         return self._rows_of(location.shard)[location.row]
 
-    def key_for_source(self, source: str) -> str | None:
-        """The key of an image path as extraction resolved it, if it was extracted."""
-        return self.sources.get(source)
+    def current_key(self, source: str) -> str | None:
+        """The key extracted for this path while the file is unchanged since (same size and mtime), else None."""
+        stamp = self.stamps.get(source)
+        if stamp is None or file_stamp(source) != stamp:
+            return None
+        key = self.sources.get(source)
+        return key if key in self else None
 
     def find(self, path: Path) -> str | None:
-        """The key of an image file in this store: as extracted under this path, else by its bytes; None if absent."""
-        key = self.key_for_source(str(path))
+        """The key of an image file in this store: as extracted under this path while unchanged, else by its bytes
+        (changed since, or extracted under another path); None if absent."""
+        key = self.current_key(str(path))
         if key is None:
             try:
-                key = image_key(image_bytes(path))  # extracted under another path: the bytes decide
+                key = image_key(image_bytes(path))
             except BadImage:
                 return None
         return key if key in self else None
 
+    def locate(self, path: Path) -> str:
+        """`find`, or a StoreError saying whether the file is not in the store or changed since it was extracted."""
+        key = self.find(path)
+        if key is None:
+            if str(path) in self.sources:
+                raise StoreError(f"changed since it was extracted: image {path} (run features extract again)")
+            raise StoreError(f"{NOT_IN_STORE}: image {path}")
+        return key
+
     # -- writing ----------------------------------------------------------------------------------------------------
 
-    def clean_partial_writes(self, writer: str) -> None:
-        """Remove what a killed writer left behind: temporary files and shards with no commit record."""
-        for file in (self.path / STORE_SHARDS).glob(f"{writer}-*"):
+    def next_writer_prefix(self) -> str:
+        """`run<N>` for a new extraction job: after every job before it in shard-name order."""
+        runs = [int(m.group(1)) for f in (self.path / STORE_SHARDS).glob("run*-*.json")
+                if (m := re.match(r"run(\d+)-", f.name))]
+        return f"run{max(runs, default=0) + 1:06d}"
+
+    def clean_partial_writes(self) -> None:
+        """Remove what killed writers left behind: temporary files and shards with no commit record (call it only
+        while holding the store's lock, before this job writes)."""
+        for file in (self.path / STORE_SHARDS).glob("*"):
             committed = file.with_suffix(".json").is_file()
             if file.suffix == ".tmp" or (file.suffix == ".f16" and not committed):
                 file.unlink()
 
-    def commit(self, writer: str, keys: list[str], rows: np.ndarray, sources: dict[str, str]) -> None:
-        """Append rows (and source → key aliases) as one new shard, atomically."""
+    def commit(self, writer: str, keys: list[str], rows: np.ndarray, sources: dict[str, str],
+               stamps: dict[str, Stamp]) -> None:
+        """Append rows (and source → key aliases with the sources' stamps) as one new shard, atomically."""
         existing = sorted((self.path / STORE_SHARDS).glob(f"{writer}-*.json"))
         seq = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
         shard = f"{writer}-{seq:06d}"
         rows = np.ascontiguousarray(rows, dtype=DTYPE)
         if keys:
             write_atomic(self.path / STORE_SHARDS / f"{shard}.f16", rows.tobytes())
-        record = {"keys": keys, "checksums": [row_checksum(r) for r in rows], "sources": sources}
+        record = {"keys": keys, "checksums": [row_checksum(r) for r in rows], "sources": sources,
+                  "stamps": {source: list(stamp) for source, stamp in stamps.items()}}
         write_atomic(self.path / STORE_SHARDS / f"{shard}.json", json.dumps(record).encode())
         self._apply(shard, record)
 
@@ -226,7 +270,8 @@ class FeatureStore:
         }
 
     def verify(self) -> list[str]:
-        """Every problem found: unreadable shards, rows failing their checksum, sources naming unknown keys."""
+        """Every problem found: unreadable shards, rows failing their checksum, sources naming unknown keys or changed
+        since they were extracted."""
         problems = []
         for record_path in sorted((self.path / STORE_SHARDS).glob("*.json")):
             record = read_shard_record(record_path)
@@ -244,6 +289,8 @@ class FeatureStore:
                 if row_checksum(rows[row]) != checksum:
                     problems.append(f"{record_path.stem} row {row} (image {key}): checksum mismatch")
         problems += [f"source {s} names missing image {k}" for s, k in self.sources.items() if k not in self.index]
+        changed = [s for s, stamp in self.stamps.items() if file_stamp(s) not in (stamp, None)]
+        problems += [f"source {s} changed since it was extracted (run features extract again)" for s in changed]
         if len(self) < int(self.meta.get("count", 0)):
             problems.append(f"meta.json counts {self.meta['count']} images but the index reaches {len(self)}: "
                             "shard records are missing")

@@ -26,9 +26,23 @@ class BadImage(Exception):
 MAX_IMAGE_BYTES = 256 * 2**20
 
 
-def image_bytes(path: Path, max_bytes: int | None = None) -> bytes:
-    """The bytes of an image file, or BadImage: missing, not a regular file (a FIFO would block, a folder is not an
-    image), a symlink loop, unreadable, or larger than `max_bytes` (refused before reading it whole)."""
+# (size, modification time in ns) of an image file: what tells a changed file from the one that was extracted.
+Stamp = tuple[int, int]
+
+
+def file_stamp(path: Path | str) -> Stamp | None:
+    """The stamp of a file now, or None when it cannot be read."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def image_file(path: Path, max_bytes: int | None = None) -> tuple[bytes, Stamp]:
+    """The bytes of an image file and its stamp as they were read, or BadImage: missing, not a regular file (a FIFO
+    would block, a folder is not an image), a symlink loop, unreadable, or larger than `max_bytes` (refused before
+    reading it whole)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -41,9 +55,15 @@ def image_bytes(path: Path, max_bytes: int | None = None) -> bytes:
     if info.st_size > max_bytes:
         raise BadImage(f"file too large for an image: {info.st_size} bytes (limit {max_bytes})")
     try:
-        return Path(path).read_bytes()
+        # Stamped before reading: a file rewritten meanwhile looks changed next time, never unchanged.
+        return Path(path).read_bytes(), (info.st_size, info.st_mtime_ns)
     except OSError as exc:
         raise BadImage(f"unreadable file: {exc.strerror or exc}") from None
+
+
+def image_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, or BadImage saying why not (see `image_file`)."""
+    return image_file(path, max_bytes)[0]
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, convert_modes: bool = False) -> Image.Image:

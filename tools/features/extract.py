@@ -21,7 +21,7 @@ from align.errors import AlignError
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.tools.feature_store import REJECTS, FeatureStore, image_key
 from align.backbones.vision.preprocessing import Preprocessing, views
-from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image_bytes
+from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image_file
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.files import FolderLock
 from align.tools.rejects import RejectLog, rejects_path
@@ -67,7 +67,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         source = self.paths[index]
         try:
-            data = image_bytes(Path(source))
+            data, stamp = image_file(Path(source))
         except BadImage as exc:
             return {"source": source, "reject": str(exc)}
         key = image_key(data)
@@ -76,7 +76,8 @@ class ImageFiles(torch.utils.data.Dataset):
         except BadImage as exc:
             return {"source": source, "reject": str(exc), "key": key}
         # Seeded by the image itself: every run and every rank makes the same training views.
-        return {"source": source, "key": key, "pixels": views(image, self.pre, self.n_views, int(key[:15], 16))}
+        return {"source": source, "key": key, "stamp": stamp,
+                "pixels": views(image, self.pre, self.n_views, int(key[:15], 16))}
 
 
 def collect_images(manifests: Iterable[Path], image_root: Path | None, rejects: RejectLog | None) -> list[str]:
@@ -136,15 +137,16 @@ def extract_features(
             raise ExtractError(f"{out} is not shared by every node: the ranks of one extraction write one store, "
                                "so its folder must be on a file system all nodes see")
         store = FeatureStore.open(out, fingerprint, row_shape)
-        writer = f"r{ranks.rank}"
-        store.clean_partial_writes(writer)
         rejects = RejectLog(Path(out) / REJECTS)
 
         # Only rank 0 logs manifest problems: every rank reads the same manifests.
         paths = collect_images(manifests, image_root, rejects if ranks.rank == 0 else None)
-        pending = [p for p in paths if p not in store.sources]
+        # Rank 0 decides once, for every rank: this job's writer names (after every earlier job's) and which images
+        # are pending (not extracted, or changed since: size or mtime), by one stat of each file.
+        run, changed = ranks.decide(lambda: _plan_job(store, paths))
+        writer = f"{run}-r{ranks.rank}"
+        pending = [p for p, todo in zip(paths, np.unpackbits(np.frombuffer(changed, np.uint8), count=len(paths))) if todo]
         mine = pending[ranks.rank::ranks.world]
-        # Every rank takes its share of the same pending list: nobody commits before all have read the store.
         ranks.barrier()
         summary = ExtractSummary(store=str(out), device=str(where), dtype=dtype)
         counts = _extract_share(
@@ -202,6 +204,12 @@ def _remove_empty_store(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+def _plan_job(store: FeatureStore, paths: list[str]) -> tuple[str, bytes]:
+    """Rank 0's decisions for a job (holding the store's lock): its writer prefix, and a bit per path that is pending."""
+    store.clean_partial_writes()
+    return store.next_writer_prefix(), np.packbits([store.current_key(p) is None for p in paths]).tobytes()
+
+
 def default_workers(images: int, batch_size: int) -> int:
     """Decoding processes: none for a few batches (starting workers costs more than they save), else one per spare
     thread of this process's share of the cores (the encoder keeps one busy), at most 8."""
@@ -237,11 +245,13 @@ def _encode_batches(store: FeatureStore, writer: str, encoder: Encoder, device: 
     uncommitted: set[str] = set()
     rows: list[np.ndarray] = []
     sources: dict[str, str] = {}
+    stamps: dict[str, tuple[int, int]] = {}
 
     def commit() -> None:
         if keys or sources:
-            store.commit(writer, list(keys), np.concatenate(rows) if rows else np.zeros((0, *store.row_shape)), dict(sources))
-            keys.clear(), rows.clear(), sources.clear(), uncommitted.clear()
+            store.commit(writer, list(keys), np.concatenate(rows) if rows else np.zeros((0, *store.row_shape)),
+                         dict(sources), dict(stamps))
+            keys.clear(), rows.clear(), sources.clear(), stamps.clear(), uncommitted.clear()
 
     columns = progress_columns("extracting", "{task.fields[rate]} images/s")
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
@@ -254,7 +264,8 @@ def _encode_batches(store: FeatureStore, writer: str, encoder: Encoder, device: 
                     if "reject" in item:
                         rejects.add(item["source"], item["reject"])
                     elif item["key"] in store or item["key"] in uncommitted:
-                        sources[item["source"]] = item["key"]  # the same bytes again: encoded once
+                        # The same bytes again (or a file touched but unchanged): encoded once, its path recorded.
+                        sources[item["source"]], stamps[item["source"]] = item["key"], item["stamp"]
                         counts["duplicates"] += 1
                     else:
                         fresh.append(item)
@@ -263,7 +274,7 @@ def _encode_batches(store: FeatureStore, writer: str, encoder: Encoder, device: 
                     rows.append(encode(encoder, np.stack([f["pixels"] for f in fresh]), device, batch_size))
                     for item in fresh:
                         keys.append(item["key"])
-                        sources[item["source"]] = item["key"]
+                        sources[item["source"]], stamps[item["source"]] = item["key"], item["stamp"]
                     counts["extracted"] += len(fresh)
                 if len(keys) >= shard_images:
                     commit()

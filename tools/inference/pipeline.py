@@ -107,7 +107,7 @@ class Pipeline:
         """[1, queries, width] features of one image from a feature store (by image key or by extracted path)."""
         opened = FeatureStore.open(store)
         _check_store(self.adapter, opened, str(store))
-        resolved = opened.find(Path(key).expanduser().resolve()) or key
+        resolved = key if key in opened else opened.locate(Path(key).expanduser().resolve())
         return torch.from_numpy(np.asarray(opened.get(resolved)[0], dtype=np.float32))[None]
 
     # -- prompts and generation ---------------------------------------------------------------------------------------

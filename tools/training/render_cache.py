@@ -204,9 +204,7 @@ def _render_chunk(task: tuple[int, int, str, int, int, int, str]) -> dict:
             rows = []
             for ref in conversation.images:
                 root = settings.image_roots[source]
-                key = store.find(resolve_image(ref, item.manifest, Path(root) if root else None))
-                if key is None:
-                    raise AlignError(f"not in the feature store: image {ref}")
+                key = store.locate(resolve_image(ref, item.manifest, Path(root) if root else None))
                 location = store.index[key]
                 rows.append((shard_index[location.shard] << 32) + location.row)
             rendered = render(template, conversation, tokenizer, system=settings.system,

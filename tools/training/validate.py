@@ -29,7 +29,6 @@ class StageReport:
 SAMPLED_RECORDS = 1000
 
 
-NOT_IN_STORE = "not in the feature store"
 
 
 def sample_rejects(stage: Stage, store=None) -> tuple[int, dict[str, int]]:
@@ -54,8 +53,7 @@ def sample_rejects(stage: Stage, store=None) -> tuple[int, dict[str, int]]:
             try:
                 conversation = training_conversation(prompted(item.record, prompt))
                 for ref in conversation.images if store is not None else ():
-                    if store.find(resolve_image(ref, item.manifest, source.image_root)) is None:
-                        raise AlignError(f"{NOT_IN_STORE}: image {ref}")
+                    store.locate(resolve_image(ref, item.manifest, source.image_root))
             except AlignError as exc:
                 kinds.add(item.where, str(exc))
     return read, dict(kinds)
@@ -111,7 +109,7 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                  render: bool = False, progress: bool = False) -> tuple[Recipe, list[StageReport]]:
     """Validate a recipe and what it points at, reporting every problem at once; `render` builds the caches."""
     from align.backbones.registry import get_backbone
-    from align.tools.feature_store import FeatureStore
+    from align.tools.feature_store import NOT_IN_STORE, FeatureStore
 
     recipe = load_recipe(path, list(overrides))
     runtime, problems, spec, meta = recipe.runtime, [], None, None

@@ -55,7 +55,7 @@ def test_store_rows_equal_a_direct_forward_pass(tiny_blip2, folder, tmp_path):
     for i in range(6):
         source = str(manifest.parent / f"good{i}.png")
         data = Path(source).read_bytes()
-        key = store.key_for_source(source)
+        key = store.current_key(source)
         pixels = views(decode_image(data), encoder.preprocessing, 2, int(key[:15], 16))
         with torch.no_grad():
             direct = encoder.module(torch.from_numpy(pixels)).to(torch.float16).numpy()
@@ -77,7 +77,7 @@ def test_every_bad_input_is_rejected_with_its_reason(tiny_blip2, folder, tmp_pat
     assert summary.rejected == len(bad) + 3 and summary.extracted == 6
     store = FeatureStore.open(tmp_path / "store")
     # The byte-identical copy is encoded once and mapped to the same key.
-    assert store.key_for_source(str(manifest.parent / "copy.png")) == store.key_for_source(str(manifest.parent / "good0.png"))
+    assert store.current_key(str(manifest.parent / "copy.png")) == store.current_key(str(manifest.parent / "good0.png"))
     assert summary.duplicates == 1 and len(store) == 6 and store.physical_rows == 6
 
 
@@ -135,6 +135,38 @@ def test_rerun_encodes_nothing_again(tiny_blip2, folder, tmp_path):
     assert again.extracted == 0 and again.already_in_store == 11 and again.store_images == 10
     rejects = (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == len(set(rejects))  # the same reject is not written twice
+
+
+def test_an_image_changed_at_the_same_path_is_extracted_again(tiny_blip2, folder, tmp_path):
+    # extract skipped any path it had seen and `find` answered the path's old key: a changed image kept its old
+    # features forever (in training and chat), and verify said ok.
+    manifest, _ = folder
+    store_dir = tmp_path / "store"
+    run(manifest, tiny_blip2[1], store_dir)
+    image = manifest.parent / "good2.png"
+    old_key = FeatureStore.open(store_dir).find(image)
+    good_image(image, colour=(10, 220, 90), seed=7)  # new content, same path
+    store = FeatureStore.open(store_dir)
+    assert store.find(image) is None  # its bytes are not in the store: no old row for it
+    with pytest.raises(StoreError, match="changed since it was extracted: image .*good2.png"):
+        store.locate(image)
+    verify = subprocess.run([sys.executable, "-m", "align", "features", "verify", store_dir], capture_output=True, text=True)
+    assert verify.returncode == 2 and f"source {image} changed since it was extracted" in verify.stdout
+
+    again = run(manifest, tiny_blip2[1], store_dir)
+    assert again.extracted == 1 and again.already_in_store == 10
+    store = FeatureStore.open(store_dir)
+    new_key = store.find(image)
+    assert new_key not in (None, old_key) and store.current_key(str(image)) == new_key
+    expected = run(write_manifest(tmp_path / "one.jsonl", [{"image": str(image), "caption": "x"}]), tiny_blip2[1],
+                   tmp_path / "fresh")
+    np.testing.assert_array_equal(store.get(new_key), FeatureStore.open(tmp_path / "fresh").get(new_key))
+    assert expected.extracted == 1
+
+    os.utime(image, ns=(1, 1))  # touched (copied with another mtime), same bytes: recorded again, not encoded again
+    touched = run(manifest, tiny_blip2[1], store_dir)
+    assert touched.extracted == 0 and touched.duplicates == 1
+    assert FeatureStore.open(store_dir).current_key(str(image)) == new_key
 
 
 def test_store_refuses_another_encoder_or_shape(tiny_blip2, folder, tmp_path):
@@ -203,8 +235,8 @@ def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    writers = {p.stem.split("-")[0] for p in (tmp_path / "two" / SHARDS).glob("*.json")}
-    assert writers == {"r0", "r1"}
+    writers = {p.stem.rsplit("-", 1)[0] for p in (tmp_path / "two" / SHARDS).glob("*.json")}
+    assert writers == {"run000001-r0", "run000001-r1"}
     assert_same_contents(FeatureStore.open(tmp_path / "one"), FeatureStore.open(tmp_path / "two"), atol=2e-3)
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["count"] == 10
     # The reasons of every rank's rejects are reported (world > 1 reported none).

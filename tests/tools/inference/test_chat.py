@@ -203,6 +203,20 @@ def test_stored_features_equal_the_encoder_run(pipeline, home):
     assert pipeline.generate(path, "Hi", GREEDY) == pipeline.chat(features=stored).ask("Hi", GREEDY)
 
 
+def test_stored_features_of_an_image_changed_since_extraction_are_refused(pipeline, tiny_blip2, tmp_path):
+    # `--features STORE` answered a changed image's path with its old features.
+    from align.tools.features.extract import extract_features
+    from blip2_tiny import good_image, write_manifest
+
+    picture = good_image(tmp_path / "pic.png", (200, 50, 50))
+    extract_features([write_manifest(tmp_path / "m.jsonl", [{"image": "pic.png", "caption": "x"}])], tiny_blip2[1],
+                     tmp_path / "store", workers=0, progress=False)
+    assert torch.equal(pipeline.stored_features(tmp_path / "store", str(picture)), pipeline.image_features([picture]))
+    good_image(picture, (20, 20, 220))
+    with pytest.raises(AlignError, match="changed since it was extracted: image .*pic.png"):
+        pipeline.stored_features(tmp_path / "store", str(picture))
+
+
 def test_a_wrong_encoder_or_store_is_refused_before_the_llm_loads(home, adapter, tiny_blip2, tmp_path, monkeypatch):
     from blip2_tiny import build_tiny_blip2, save_hf
     from align.tools.inference import pipeline as pipeline_module

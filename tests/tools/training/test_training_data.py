@@ -69,6 +69,25 @@ def test_one_image_list_per_record_and_every_bad_record_rejected_with_its_reason
     assert sum(label != IGNORE_INDEX for label in long_one.labels) > 20
 
 
+def test_an_image_changed_since_extraction_is_a_reject_not_its_old_features(workspace, tiny_blip2, tmp_path):
+    # The store answered the path with the old image's row: training learnt the new caption on the old picture.
+    from align.tools.features.extract import extract_features
+    from blip2_tiny import good_image
+
+    picture = good_image(tmp_path / "pic.png", (200, 50, 50))
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "pic.png", "caption": "a red picture"}])
+    extract_features([manifest], tiny_blip2[1], tmp_path / "store", workers=0, progress=False, n_views=1)
+    fresh = RenderCache(build_cache(settings(workspace, [manifest], store=str(tmp_path / "store")), tmp_path / "c1",
+                                    workers=1, progress=False))
+    assert len(fresh) == 1
+    good_image(picture, (20, 20, 220))  # now a blue picture, same path
+    stale = RenderCache(build_cache(settings(workspace, [manifest], store=str(tmp_path / "store")), tmp_path / "c2",
+                                    workers=1, progress=False))
+    assert len(stale) == 0 and stale.meta["rejected"] == 1
+    reason = json.loads((stale.path / "rejects.jsonl").read_text())["reason"]
+    assert reason.startswith("changed since it was extracted: image") and "extract again" in reason
+
+
 def test_a_data_sources_image_root_finds_images_extracted_with_image_root(workspace, tmp_path):
     # `features extract --image-root DIR` resolved the manifest's relative paths against DIR; training resolved them
     # against the manifest's folder and rejected every record.
