@@ -16,6 +16,7 @@ from align import __version__
 from align.constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION
 from align.cpu_threads import share_cores
 from align.errors import AlignError
+from align.files import write_errno, write_error
 from align.words import counted, readable
 
 app = typer.Typer(
@@ -683,5 +684,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if write_errno(exc) is None:  # a bug: its traceback is what a report needs
+            raise
+        # A full disk or a read-only folder met by a writer no pipeline wraps (a library's own checkpoint writer).
+        print(f"error: {write_error(exc, getattr(exc, 'filename', None) or Path.cwd())}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -1,26 +1,109 @@
-"""Writing files so that a kill at any instruction leaves the old file or the new one, never half; reading JSON
-objects with one-line errors."""
+"""Writing files so that a kill at any instruction leaves the old file or the new one, never half; a full disk or a
+read-only folder as one line naming the folder (and the space), with nothing half-written left; reading JSON objects
+with one-line errors."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 from align.errors import AlignError
 
+# The failures of a write that the user fixes on the machine (space, quota, permissions), not in align.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust writers (safetensors, tokenizers) report one
+
+
+class WriteError(AlignError):
+    """A file that cannot be written: no space, over quota, or a read-only or foreign folder."""
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write the user must fix, or None for any other exception."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in WRITE_ERRNOS else None
+    found = _OS_ERROR.search(str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return int(found.group(1)) if found and int(found.group(1)) in WRITE_ERRNOS else None
+
+
+def write_error(exc: BaseException, where: Path | str, needed: int | None = None) -> WriteError:
+    """One line for a failed write under the folder `where`: the file, why, and for a full disk the space there and
+    what was needed."""
+    code = write_errno(exc)
+    where = Path(where)
+    file = Path(getattr(exc, "filename", None) or where)
+    folder = where if where.is_dir() else where.parent
+    why = (os.strerror(code) if code else str(exc)).lower()
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            room = f"{_size(shutil.disk_usage(_existing(folder)).free)} free there"
+        except OSError:
+            room = "no space there"
+        want = f", {_size(needed)} needed" if needed else ""
+        return WriteError(f"cannot write {file}: {why} ({room}{want}); free space for {folder} or write elsewhere")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return WriteError(f"cannot write {file}: {why}; {_existing(folder)} must be writable for this command")
+    return WriteError(f"cannot write {file}: {why}")
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _size(n: int | None) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n is None or n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextmanager
+def writing(path: Path | str, needed: int | None = None):
+    """Turn a failed write inside the block (no space, quota, read-only, permissions) into one WriteError line."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as exc:
+        if write_errno(exc) is None:
+            raise
+        raise write_error(exc, path, needed) from None
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`; on failure the
+    temporary file is removed and the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        tmp.write(raw)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    tmp = None
+    try:
+        with writing(path, len(raw)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                             delete=False) as tmp:
+                tmp.write(raw)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp.name, path)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
+        raise
 
 
 def open_own(path: Path, mode: str = "a"):
@@ -34,8 +117,40 @@ def open_own(path: Path, mode: str = "a"):
         if path.is_symlink():
             raise AlignError(f"{path} is a symbolic link; align writes no file through a link it did not make: "
                              "remove it") from None
-        raise AlignError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
-    return os.fdopen(fd, mode, encoding="utf-8")
+        raise write_error(exc, path) if write_errno(exc) else \
+            AlignError(f"cannot open {path} for writing: {exc.strerror or exc}") from None
+    return _OwnFile(os.fdopen(fd, mode, encoding="utf-8"), path)
+
+
+class _OwnFile:
+    """A file `open_own` opened: a write that fails (a full disk, say) is one WriteError line naming it."""
+
+    def __init__(self, file, path: Path):
+        self._file, self.path = file, path
+
+    def write(self, text: str) -> int:
+        with writing(self.path):
+            return self._file.write(text)
+
+    def flush(self) -> None:
+        with writing(self.path):
+            self._file.flush()
+
+    def close(self) -> None:
+        with writing(self.path):
+            self._file.close()
+
+    def __iter__(self):
+        return iter(self._file)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self) -> "_OwnFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_json_object(path: Path, error: type[AlignError] = AlignError) -> dict:
@@ -79,6 +194,21 @@ def recover_dir(directory: Path) -> None:
             os.replace(old, directory)  # the kill came between the two renames: keep the previous version
 
 
+@contextmanager
+def staged(directory: Path):
+    """A staging folder for the next version of `directory`, put in place when the block ends; when it fails (a full
+    disk, say) the staging folder is removed and `directory` is untouched."""
+    with writing(directory):
+        staging = staging_dir(directory)
+    try:
+        with writing(directory):
+            yield staging
+            replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def replace_dir(staging: Path, directory: Path) -> None:
     """Put a fully written `staging` folder in place of `directory` so that a kill at any instruction leaves the old
     version or the new one under the name (`recover_dir` tidies up on the next call)."""
@@ -120,20 +250,37 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open_own(self.path, "a+")
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._file = open_own(self.path, "a+")
+        except WriteError:
+            if os.access(self.path.parent, os.W_OK) and not _read_only_fs(self.path.parent):
+                raise
+            # A folder this process cannot write (a read-only mount): a job that finds nothing to do there still
+            # runs; any write it tries is refused in one line. The lock file, if there is one, is held shared.
+            if not self.path.is_file():
+                return self
+            self._file = open(self.path, encoding="utf-8")
+            return self._hold(fcntl.LOCK_SH)
+        return self._hold(fcntl.LOCK_EX)
+
+    def _hold(self, kind: int) -> "FolderLock":
+        import fcntl
+
+        try:
+            fcntl.flock(self._file, kind | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self._file.close()
             raise AlignError(f"{self.path.parent} is in use by another align job ({holder}); wait for it to end or "
                              f"use another {self.what}") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()}")
-        self._file.flush()
+        if kind == fcntl.LOCK_EX:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(f"pid {os.getpid()}")
+            self._file.flush()
         _HELD.add(self)
         return self
 

@@ -12,7 +12,7 @@ from align.adapters.projector import build_projector
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
-from align.files import recover_dir, replace_dir, staging_dir, write_atomic
+from align.files import recover_dir, staged, write_atomic
 
 
 
@@ -71,11 +71,10 @@ class AdapterConfig(BaseModel):
 def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write both files atomically (a half-written adapter is never left behind under the final name)."""
     directory = Path(directory)
-    staging = staging_dir(directory)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
-    write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
-    replace_dir(staging, directory)
+    with staged(directory) as staging:
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
+        write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
     return directory
 
 

@@ -245,7 +245,10 @@ class FeatureStore:
         self._apply(shard, record)
 
     def write_count(self) -> None:
-        """Record the current number of images in meta.json."""
+        """Record the current number of images in meta.json (when it changed: a store with nothing new may be on a
+        read-only file system)."""
+        if self.meta.get("count") == len(self):
+            return
         self.meta["count"] = len(self)
         write_atomic(self.path / STORE_META, json.dumps(self.meta, indent=2).encode())
 

@@ -34,15 +34,17 @@ class RejectLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.counts: Counter[str] = Counter()
         self._seen: set[tuple[str, str]] = set()
-        self._file = open_own(self.path, "a+")  # never through a link planted where the log goes
-        self._file.seek(0)
-        for line in self._file:
-            try:
-                old = json.loads(line)
-                self._seen.add((old["source"], old["reason"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line torn by a kill: harmless, the reject will be logged again
-        self._writer = jsonlines.Writer(self._file, flush=True, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        self._file = self._writer = None  # opened at the first new reject: a job with none writes nothing
+        if self.path.is_symlink():
+            open_own(self.path)  # refused in one line: never read or write through a link planted there
+        if self.path.is_file():
+            with self.path.open(encoding="utf-8", errors="replace") as old_lines:
+                for line in old_lines:
+                    try:
+                        old = json.loads(line)
+                        self._seen.add((old["source"], old["reason"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line torn by a kill: harmless, the reject will be logged again
 
     def add(self, source: str, reason: str, **extra) -> None:
         """Record that `source` was skipped because of `reason`."""
@@ -50,6 +52,9 @@ class RejectLog:
         if (source, reason) in self._seen:
             return
         self._seen.add((source, reason))
+        if self._writer is None:
+            self._file = open_own(self.path)  # never through a link planted where the log goes
+            self._writer = jsonlines.Writer(self._file, flush=True, dumps=lambda o: json.dumps(o, ensure_ascii=False))
         self._writer.write({"source": source, "reason": reason, **extra})
 
     @property
@@ -59,5 +64,6 @@ class RejectLog:
 
     def close(self) -> None:
         """Flush and close the file."""
-        self._writer.close()
-        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()

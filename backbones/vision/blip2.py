@@ -12,7 +12,6 @@ Weights are read with safetensors or `torch.load(weights_only=True)`; no pickle 
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Bli
 from align import __version__
 from align.backbones.vision.registry import EncoderError, EncoderKind, register_encoder_kind
 from align.constants import ENCODER_CONFIG, ENCODER_WEIGHTS
-from align.files import read_json_object, replace_dir, staging_dir, write_atomic
+from align.files import read_json_object, staged, write_atomic
 from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.vision.preprocessing import Preprocessing
 
@@ -271,12 +270,8 @@ def save_encoder(encoder: Encoder, out: Path | str) -> Path:
     """Write an encoder in align's own layout, which `load_encoder` reads back exactly. Both files are written aside
     and put in place together, so a kill never leaves new weights beside an old config."""
     out = Path(out)
-    staging = staging_dir(out)
-    try:
+    with staged(out) as staging:
         _write_encoder(encoder, staging)
-        replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from align.words import counted
 from align.errors import AlignError
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
-from align.tools.feature_store import REJECTS, FeatureStore, image_key
+from align.tools.feature_store import REJECTS, FeatureStore, StoreError, image_key
 from align.backbones.vision.preprocessing import Preprocessing, views
 from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image_file
 from align.tools.manifest import image_refs, read_manifest, resolve_image
@@ -182,7 +182,7 @@ def claimed_store(out: Path, ranks: Ranks) -> Iterator[None]:
         new_folder = ranks.decide(lambda: _claim_store(out, held))
         try:
             yield
-        except ExtractError:
+        except Exception:  # nothing extractable, a full disk, …: a store this job made and left empty goes
             if ranks.main and new_folder:
                 _remove_empty_store(out)
             raise
@@ -191,15 +191,23 @@ def claimed_store(out: Path, ranks: Ranks) -> Iterator[None]:
 def _claim_store(out: Path, held: ExitStack) -> bool:
     """Lock the store folder for the job (a second extraction into it is refused); True when this job creates it."""
     new_folder = not out.exists()
-    held.enter_context(FolderLock(out, "--out store"))
+    try:
+        held.enter_context(FolderLock(out, "--out store"))
+    except AlignError:  # a full disk or a read-only parent: a folder made for the lock goes again
+        if new_folder:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return new_folder
 
 
 def _remove_empty_store(out: Path) -> None:
     """A store this job created and could fill with nothing is removed; its rejects move beside it."""
-    if FeatureStore.open(out).physical_rows:
-        return
-    if (out / REJECTS).is_file():
+    try:
+        if FeatureStore.open(out).physical_rows:
+            return
+    except StoreError:  # the job failed before its meta.json was written: nothing of it to keep
+        pass
+    if (out / REJECTS).is_file() and (out / REJECTS).stat().st_size:
         os.replace(out / REJECTS, rejects_path(out))
     shutil.rmtree(out, ignore_errors=True)
 

@@ -9,6 +9,7 @@ chat = pipe.chat("cat.jpg"); chat.ask("What colour is it?"); chat.ask("And its p
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,7 +116,7 @@ class Pipeline:
     def prompt(self, turns: Sequence[Turn], with_image: bool, room: int = 0) -> Rendered:
         """The generation prompt for a conversation whose last question is unanswered; the image goes in the first
         kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM; a
-        question that does not fit alone is refused."""
+        question alone gets what is left of the context for its reply, and is refused when nothing is."""
         turns = list(turns)
         while True:
             conversation = conversation_from_turns(turns, with_image)
@@ -124,13 +125,21 @@ class Pipeline:
             if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions:
                 return rendered
             if len(turns) == 1:
-                raise AlignError(f"the question takes {len(rendered.input_ids)} tokens; with {room} for the reply "
-                                 f"that is past the model's context of {self.max_positions}: ask a shorter one")
+                if len(rendered.input_ids) < self.max_positions:
+                    return rendered
+                raise AlignError(f"the question takes {len(rendered.input_ids)} tokens, leaving no room for a reply: "
+                                 f"that is past the model's context of {self.max_positions}; ask a shorter one")
             turns = turns[1:]
 
     def generate_batch(self, prompts: list[Rendered], features: torch.Tensor, options: GenerationOptions,
                        on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None) -> list[str]:
-        """Replies to rendered prompts (left-padded into one batch); `features` fill their image slots in order."""
+        """Replies to rendered prompts (left-padded into one batch); `features` fill their image slots in order. A
+        reply never runs past the model's context."""
+        if self.max_positions is not None:
+            room = self.max_positions - max(len(p.input_ids) for p in prompts)
+            if room < 1:
+                raise AlignError(f"the prompt fills the model's context of {self.max_positions}: ask a shorter one")
+            options = replace(options, max_new_tokens=min(options.max_new_tokens, room))
         return generate(self.model, self.tokenizer, prompts, features, self.stops, options, on_text, cache)
 
     def generate(self, image: ImageInput | None, question: str, options: GenerationOptions | None = None,

@@ -11,7 +11,7 @@ import jsonlines
 from align.errors import AlignError
 from align.named import Registry
 from align.words import counted
-from align.files import read_json_object
+from align.files import read_json_object, writing
 from align.tools.rejects import RejectLog, rejects_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -170,7 +170,7 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
     partial_rejects.unlink(missing_ok=True)
     rejects, written = RejectLog(partial_rejects), 0
     try:
-        with jsonlines.open(partial, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
+        with writing(partial), jsonlines.open(partial, "w", dumps=lambda o: json.dumps(o, ensure_ascii=False)) as writer:
             for where, result in converter(src, image_root):
                 if isinstance(result, str):
                     rejects.add(where, result)
@@ -187,7 +187,10 @@ def convert(fmt: str, src: Path, out: Path, image_root: Path | None = None) -> C
         if written == 0:
             raise AlignError(f"nothing to convert in {src}: {counted(rejects.total, 'entry')} rejected "
                              f"({', '.join(sorted(rejects.counts)) or 'none found'})")
-        os.replace(partial_rejects, rejects_path(out))
+        if partial_rejects.is_file():
+            os.replace(partial_rejects, rejects_path(out))
+        else:  # none this time: a previous conversion's rejects must not be read as this one's
+            rejects_path(out).unlink(missing_ok=True)
         os.replace(partial, out)
     finally:
         rejects.close()

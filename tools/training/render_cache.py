@@ -34,7 +34,7 @@ from rich.progress import Progress
 from align.constants import RENDER_CACHE_DIR
 from align.cpu_threads import job_cores
 from align.errors import AlignError
-from align.files import read_json_object, write_atomic
+from align.files import read_json_object, write_atomic, writing
 from align.templates import IGNORE_INDEX, render
 from align.tools.manifest import line_aligned_chunks, read_manifest, resolve_image
 from align.tools.rejects import RejectLog
@@ -246,9 +246,16 @@ def build_cache(settings: RenderSettings, root: Path, workers: int, progress: bo
     """Render every manifest of `settings` into a new cache under `root` (in `workers` processes); its folder. One
     builder per key at a time: a second run sharing the cache root waits for the first and reuses its cache."""
     key = cache_key(settings, store_shard_names(Path(settings.store)))
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / f".{key}.lock"):
+    if (root / key / "meta.json").is_file() and damage(root / key) is None:
+        return root / key  # a finished cache is never written again: reused without the lock (a read-only root)
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(root / f".{key}.lock")
+        lock.acquire()
+    try:
         return _build_locked(settings, root, key, workers, progress)
+    finally:
+        lock.release()
 
 
 def _build_locked(settings: RenderSettings, root: Path, key: str, workers: int, progress: bool) -> Path:
@@ -263,6 +270,21 @@ def _build_locked(settings: RenderSettings, root: Path, key: str, workers: int, 
     for stale in root.glob(f"{key}.tmp-*"):  # a killed builder's (the lock says no builder of this key is alive)
         shutil.rmtree(stale, ignore_errors=True)
     work = root / f"{key}.tmp-{os.getpid()}"
+    try:
+        with writing(root):
+            _render_into(work, settings, key, workers, progress, started)
+    except BaseException:  # a full disk, a bad manifest, Ctrl-C: no half-built cache is left behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        os.replace(work, final)
+    except OSError:  # another builder (a node sharing this folder) finished first: its cache is the same
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _render_into(work: Path, settings: RenderSettings, key: str, workers: int, progress: bool, started: float) -> None:
+    """Render every manifest's chunks (in `workers` processes) and join them into the cache's files in `work`."""
     parts = work / "parts"
     parts.mkdir(parents=True)
     tasks = []
@@ -298,11 +320,6 @@ def _build_locked(settings: RenderSettings, root: Path, key: str, workers: int, 
     meta.update(key=key, seconds=round(time.perf_counter() - started, 3))
     write_atomic(work / "meta.json", json.dumps(meta, indent=1))
     shutil.rmtree(parts)
-    try:
-        os.replace(work, final)
-    except OSError:  # another builder (a node sharing this folder) finished first: its cache is the same
-        shutil.rmtree(work, ignore_errors=True)
-    return final
 
 
 def store_digest(store: Path, shards: list[str]) -> str:

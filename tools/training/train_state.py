@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from align.errors import AlignError, SharedError
-from align.files import read_json_object, write_atomic
+from align.files import WriteError, read_json_object, write_atomic
 from align.words import counted
 from align.tools.training.run import Run
 
@@ -218,8 +218,8 @@ def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, s
     problem = None
     try:
         save_rank_state(folder, run.ranks.rank, state)
-    except OSError as exc:  # a full disk on one node must stop every rank, not leave the others waiting
-        problem = f"cannot write the checkpoint of step {step} in {folder}: {exc.strerror or exc}"
+    except (OSError, WriteError) as exc:  # a full disk on one node must stop every rank, not leave the others waiting
+        problem = f"cannot write the checkpoint of step {step}: {exc.strerror if isinstance(exc, OSError) else exc}"
     run.ranks.fail_together(problem, f"another rank could not write the checkpoint of step {step}")
     if run.main:
         commit(folder, {"step": step, "world": run.ranks.world, "applied": stats.applied, "skipped": stats.skipped,

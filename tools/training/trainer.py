@@ -34,7 +34,7 @@ from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import get_backbone
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
 from align.errors import SharedError
-from align.files import open_own, write_atomic
+from align.files import WriteError, open_own, write_atomic
 from align.templates import IGNORE_INDEX
 from align.words import counted
 from align.tools.feature_store import FeatureStore
@@ -454,7 +454,11 @@ def train(recipe_path: Path | None, output: Path | None = None, resume: bool = F
         with ExitStack() as held:
             # Rank 0 holds the output folder for the whole job and decides whether it may be written into.
             ranks.decide(lambda: claim_output(recipe, held, resume, overwrite))
-            return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
+            try:
+                return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
+            except WriteError as exc:  # what is finished is kept: the run continues once there is room
+                raise WriteError(f"{exc}; then continue the run with `align train --resume --output "
+                                 f"{recipe.runtime.output_dir}`") from None
     finally:
         restore_torch_linear()
         if last_in_process and torch.distributed.is_initialized():

@@ -113,4 +113,4 @@ def test_convert_never_writes_over_its_input_nor_leaves_a_partial_manifest(tmp_p
     with pytest.raises(AlignError, match="nothing to convert"):
         convert("llava", empty, tmp_path / "m.jsonl")
     assert len(records(tmp_path / "m.jsonl")) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "llava.json", "m.jsonl", "m.rejects.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "llava.json", "m.jsonl"]  # no rejects, no file
