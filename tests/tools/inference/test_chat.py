@@ -196,6 +196,23 @@ def test_old_exchanges_are_dropped_when_the_prompt_would_not_fit(pipeline):
         pipeline.prompt([("Describe this image. " * 200, None)], with_image=True, room=64)
 
 
+def test_a_question_that_fits_gets_the_rest_of_the_context_for_its_reply(pipeline, home, monkeypatch):
+    # With max_new_tokens past what the context leaves, every question was refused (align caption rejected every
+    # record of the demo's held-out set); the reply is cut at the context instead.
+    from dataclasses import replace
+
+    from align.tools.inference import pipeline as pipeline_module
+
+    options = replace(GREEDY, max_new_tokens=pipeline.max_positions * 2)
+    prompt = pipeline.prompt([("Hi", None)], with_image=True, room=options.max_new_tokens)
+    asked = []
+    monkeypatch.setattr(pipeline_module, "generate", lambda *args: asked.append(args[5]) or [""])
+    pipeline.generate_batch([prompt], pipeline.image_features([image(home, 0)]), options)
+    assert asked[0].max_new_tokens == pipeline.max_positions - len(prompt.input_ids)
+    with pytest.raises(AlignError, match="leaving no room for a reply"):
+        pipeline.prompt([("Describe this image. " * 200, None)], with_image=True, room=1)
+
+
 def test_stored_features_equal_the_encoder_run(pipeline, home):
     path = image(home, 3)
     stored = pipeline.stored_features(home["features"], str(path))
