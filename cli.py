@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -662,6 +663,16 @@ except ImportError:  # pragma: no cover
 
 def main() -> None:
     """Entry point of the `align` console script."""
+    # A timeout, SLURM, Kubernetes or systemd stops a job with SIGTERM: handled as Ctrl-C, so every job keeps what it
+    # finished and removes its temporaries (training finishes its step and saves a checkpoint).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _run_command()
+    finally:  # the command is over: a SIGTERM while the interpreter shuts down just ends it, without a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_command() -> None:
     share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # before anything imports torch
     command = typer.main.get_command(app)
     _readable_help(command)

@@ -2,6 +2,7 @@
 the environment for child `align` processes, and the progress display."""
 
 import os
+import signal
 import socket
 import time
 import warnings
@@ -103,6 +104,17 @@ class Ranks:
         tensor = torch.tensor(values, dtype=torch.long)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+
+def die_with_parent(*_) -> None:
+    """Make this (worker) process end when the process that started it dies, even by SIGKILL: an orphan decode or
+    render worker would otherwise run on, holding memory and files (Linux; elsewhere torch's own watchdog)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from align.tools.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, image
 from align.tools.manifest import image_refs, read_manifest, resolve_image
 from align.files import FolderLock
 from align.tools.rejects import RejectLog, rejects_path
-from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
+from align.tools.runtime import Ranks, die_with_parent, local_device, progress_columns, start_ranks
 
 
 class ExtractError(AlignError):
@@ -233,7 +233,8 @@ def _extract_share(
 ) -> dict:
     dataset = ImageFiles(paths, encoder.preprocessing, n_views, max_pixels, convert_modes)
     workers = default_workers(len(paths), batch_size) if workers is None else workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                                         worker_init_fn=die_with_parent)
     # Each decoding process takes one of this process's threads (torch gives each worker one), so together they
     # use the share of the cores this job was given, not more.
     threads = torch.get_num_threads()

@@ -38,7 +38,7 @@ from align.files import read_json_object, write_atomic, writing
 from align.templates import IGNORE_INDEX, render
 from align.tools.manifest import line_aligned_chunks, read_manifest, resolve_image
 from align.tools.rejects import RejectLog
-from align.tools.runtime import progress_columns
+from align.tools.runtime import die_with_parent, progress_columns
 from align.tools.training.training_data import prompted, training_conversation
 
 FORMAT, FORMAT_VERSION = "align-render-cache", 2  # 2: meta.json holds each array's length
@@ -142,6 +142,12 @@ class _Collected:
 
 
 _WORKER: dict = {}
+
+
+def _pool_worker_start(settings: RenderSettings) -> None:
+    """A render worker process: it ends with the builder (never an orphan), then loads what it renders with."""
+    die_with_parent()
+    _worker_start(settings)
 
 
 def _worker_start(settings: RenderSettings) -> None:
@@ -313,7 +319,7 @@ def _render_into(work: Path, settings: RenderSettings, key: str, workers: int, p
                 collect(_render_chunk(task))
         else:
             context = multiprocessing.get_context("spawn")  # torch and the process group may be live here
-            with context.Pool(workers, initializer=_worker_start, initargs=(settings,)) as pool:
+            with context.Pool(workers, initializer=_pool_worker_start, initargs=(settings,)) as pool:
                 for result in pool.imap_unordered(_render_chunk, tasks):
                     collect(result)
     meta = _join_parts(parts, work, [results[i] for i in range(len(tasks))], settings)

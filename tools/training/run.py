@@ -90,7 +90,8 @@ def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False
         # A resumed stage keeps its log: the cache's rejects are in it already, and so are the samples found
         # broken while it trained.
         stage_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
+        if (cache.path / REJECTS).is_file():  # a cache with no reject has no log
+            shutil.copyfile(cache.path / REJECTS, stage_dir / REJECTS)
     if len(cache) == 0:
         reasons = cache.meta["rejects_by_reason"]
         raise SharedError(f"stage {stage.name}: no usable training samples; rejected: {reasons} "

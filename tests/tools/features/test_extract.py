@@ -223,6 +223,55 @@ def test_killed_run_resumes_to_the_same_store(tiny_blip2, folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_and_kill_at_random_moments_lose_nothing_and_leave_no_worker(tiny_blip2, tmp_path):
+    # SIGTERM killed extraction outright (nothing of the batch in hand kept) and a forked decode worker could outlive
+    # it holding the store's lock. Interrupt at random moments mid-extraction, alternating SIGTERM and SIGKILL.
+    import random
+    import signal
+    import time
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(300):  # large enough that decoding takes a while in two workers
+        Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.jpg")
+    manifest = write_manifest(tmp_path / "images" / "m.jsonl", [{"image": f"{i}.jpg", "caption": "x"} for i in range(300)])
+    args = [sys.executable, "-m", "align", "features", "extract", "--manifest", str(manifest), "--encoder",
+            str(tiny_blip2[1]), "--batch-size", "1", "--shard-images", "1", "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(args + ["--out", str(tmp_path / "full")], capture_output=True, text=True, env=env)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "cut"
+    seed = random.randrange(10**6)
+    moments = random.Random(seed)
+    for attempt in range(4):
+        kind = (signal.SIGTERM, signal.SIGKILL)[attempt % 2]
+        process = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        committed = len(list((out / SHARDS).glob("*.json"))) if (out / SHARDS).is_dir() else 0
+        wanted, deadline = committed + moments.randint(1, 60), time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and (
+                not (out / SHARDS).is_dir() or len(list((out / SHARDS).glob("*.json"))) < wanted):
+            time.sleep(0.005)
+        time.sleep(moments.uniform(0, 0.05))
+        process.send_signal(kind)
+        stderr = process.communicate(timeout=120)[1]
+        if kind == signal.SIGTERM and process.returncode != 0:
+            assert process.returncode == 130 and "Traceback" not in stderr, (seed, stderr[-2000:])
+        time.sleep(0.5)  # a worker that outlived its parent would still be running now
+        orphans = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+        assert orphans == [], (seed, attempt, orphans)
+        problems = FeatureStore.open(out).verify()  # a valid store after any moment: at worst (after SIGKILL
+        if kind == signal.SIGKILL:                    # between a shard's two renames) rows the next run removes
+            problems = [p for p in problems if not p.endswith("rows on disk without an index record")]
+        assert problems == [], (seed, attempt, problems)
+    finished = subprocess.run(args + ["--out", str(out), "--json"], capture_output=True, text=True, env=env)
+    assert finished.returncode == 0, (seed, finished.stderr[-2000:])  # the lock is free, the rest is extracted
+    assert_same_contents(FeatureStore.open(out), FeatureStore.open(tmp_path / "full"), atol=2e-3)
+
+
+@pytest.mark.slow
 def test_two_processes_make_the_same_store_as_one(tiny_blip2, folder, tmp_path):
     manifest, _ = folder
     single = cli_extract(manifest, tiny_blip2[1], tmp_path / "one", "--json")
