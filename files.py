@@ -153,12 +153,20 @@ class _OwnFile:
         self.close()
 
 
-def read_json_object(path: Path, error: type[AlignError] = AlignError) -> dict:
-    """The JSON object in `path`, or `error` with one line naming the file and what is wrong."""
+def read_json_object(path: Path, error: type[AlignError] = AlignError, max_bytes: int | None = None) -> dict:
+    """The JSON object in `path`, or `error` with one line naming the file and what is wrong (unreadable, larger
+    than `max_bytes`, not JSON, nested past Python's limit, a number too long to read, not an object)."""
     try:
+        if max_bytes is not None and Path(path).stat().st_size > max_bytes:
+            raise error(f"{path} is {Path(path).stat().st_size:,} bytes; a file of its kind is far smaller "
+                        f"(at most {max_bytes:,})")
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise error(f"cannot read {path}: it is nested too deeply to read") from None
+    except ValueError as exc:  # an integer of more digits than Python reads
+        raise error(f"cannot read {path}: {str(exc).split(';')[0]}") from None
     if not isinstance(data, dict):
         raise error(f"{path} is not a JSON object")
     return data

@@ -91,7 +91,11 @@ def load_adapter(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor
     if config.format_version > ADAPTER_FORMAT_VERSION:
         raise AdapterError(f"{directory} is adapter format {config.format_version}; this align reads up to "
                            f"{ADAPTER_FORMAT_VERSION}: upgrade align")
-    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    try:
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+    except Exception as exc:  # safetensors' own error: a truncated or overwritten file
+        raise AdapterError(f"cannot read {directory / ADAPTER_WEIGHTS} (damaged or truncated?): "
+                           f"{str(exc).splitlines()[0][:200]}") from None
     _check_shapes(config, state, directory)
     return config, state
 
@@ -106,7 +110,14 @@ def _check_shapes(config: AdapterConfig, state: dict[str, torch.Tensor], where: 
     if found != expected:
         raise AdapterError(f"{where}: the weights {found} are not a {config.projector} projector "
                            f"{config.in_features} → {config.out_features} ({expected})")
-    for name, tensor in state.items():  # a damaged or diverged file would turn every answer into noise
+    check_weights(state, where)
+
+
+def check_weights(state: dict, where: Path | str) -> None:
+    """Every weight a finite floating-point tensor: a damaged or diverged file would turn every answer into noise."""
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterError(f"{where}: weight {name} is of type {type(tensor).__name__}, not a tensor")
         if not tensor.is_floating_point():
             raise AdapterError(f"{where}: weight {name} is {tensor.dtype}, not a floating-point tensor")
         if not torch.isfinite(tensor).all():

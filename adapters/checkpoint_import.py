@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from align.adapters.adapter_files import AdapterConfig, AdapterError, save_adapter
+from align.adapters.adapter_files import AdapterConfig, AdapterError, check_weights, save_adapter
 from align.backbones.spec import BackboneSpec
 from align.named import Registry
 from align.templates.render import DEFAULT_QUERY_TOKENS
@@ -31,8 +31,11 @@ def _state_dict(path: Path) -> dict:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AdapterError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:
-        raise AdapterError(f"cannot read {path} as a weights-only checkpoint: {exc}") from None
+    except Exception as exc:  # torch's message runs over several lines: its first says what is wrong
+        first = str(exc).strip().splitlines()[0][:300]
+        if first.startswith("Weights only load failed"):
+            first = "it is not a PyTorch checkpoint, or it holds objects other than tensors (align loads weights only)"
+        raise AdapterError(f"cannot read {path} as a weights-only checkpoint: {first}") from None
     # {"model": ...} (LAVIS runners), {"module": ...} (a DeepSpeed engine's model states) or a bare state dict.
     for key in ("model", "module"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
@@ -54,6 +57,7 @@ def import_checkpoint(kind_name: str, path: Path, spec: BackboneSpec, out: Path,
     weight, bias = state.get(kind.prefix + "weight"), state.get(kind.prefix + "bias")
     if weight is None or bias is None:
         raise AdapterError(f"{path} has no {kind.prefix}weight / {kind.prefix}bias: not a {kind.name} checkpoint")
+    check_weights({kind.prefix + "weight": weight, kind.prefix + "bias": bias}, path)
     if weight.dim() != 2 or weight.shape[0] != spec.hidden_size or bias.shape != (spec.hidden_size,):
         raise AdapterError(
             f"{path}: projector {tuple(weight.shape)} does not fit '{spec.name}' (hidden size {spec.hidden_size})"

@@ -12,9 +12,14 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _BF16_BUDGET_BYTES = 18e9
 
 
+# config.json and tokenizer_config.json of real models are kilobytes (a chat template included); far past that a
+# file is damaged or hostile.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
 def read_json(path: Path) -> dict:
-    """A JSON object from a file, or a one-line error naming the file."""
-    return read_json_object(path, BackboneError)
+    """A JSON object from a model's config file, or a one-line error naming the file."""
+    return read_json_object(path, BackboneError, MAX_CONFIG_BYTES)
 
 
 def check_model_dir(path: Path) -> Path:
@@ -35,9 +40,45 @@ def model_config(path: Path) -> dict:
 
 
 def llm_config(path: Path) -> dict:
-    """The model's config.json, with the text config of a multimodal wrapper flattened in."""
+    """The model's config.json, with the text config of a multimodal wrapper flattened in; the fields align reads
+    checked (kinds and ranges), so a damaged or hostile config is one line, never an absurd registry entry."""
     config = model_config(path)
-    return {**config, **config.get("text_config", {})}
+    text = config.get("text_config", {})
+    if not isinstance(text, dict):
+        raise BackboneError(f"{path}/config.json: text_config must be an object, not {type(text).__name__}")
+    config = {**config, **text}
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise BackboneError(f"{path}/config.json: architectures must be a list of class names, not "
+                            f"{str(architectures)[:60]!r}")
+    if not isinstance(config.get("model_type", ""), str):
+        raise BackboneError(f"{path}/config.json: model_type must be a name, not {str(config['model_type'])[:60]!r}")
+    for name, most in _COUNTS.items():
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most):
+            raise BackboneError(f"{path}/config.json: {name} must be a whole number between 1 and {most:,}, not "
+                                f"{str(value)[:40]}")
+    return config
+
+
+# The counts align reads or that size a model: whole numbers, bounded far above any released LLM.
+_COUNTS = {"num_hidden_layers": 4096, "n_layer": 4096, "intermediate_size": 1 << 20, "num_attention_heads": 1 << 14,
+           "num_key_value_heads": 1 << 14, "max_position_embeddings": 1 << 25}
+
+
+def check_with_transformers(path: Path, config: dict) -> None:
+    """transformers' own validation of the config (its field types and cross-field rules), for models it has a
+    class for; a failure is one line."""
+    from align.backbones.native import native_architectures
+
+    native = any(arch in native_architectures() for arch in config.get("architectures") or [])
+    if native or needs_remote_code(config) or not config.get("model_type"):
+        return  # align's native layouts and remote-code models have no transformers config class to ask
+    try:
+        transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # its validation errors are several classes; each is a config problem
+        first = " ".join(str(exc).split())[:300]
+        raise BackboneError(f"{path}/config.json is not a valid {config['model_type']} config: {first}") from None
 
 
 # Far above any released LLM (hidden sizes reach tens of thousands, vocabularies a few hundred thousand): a config

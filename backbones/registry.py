@@ -182,6 +182,7 @@ def _local_preset_model(spec: BackboneSpec) -> Path:
 def _spec_for_new(name: str, path: Path, template: str | None, tokenizer: str | None) -> BackboneSpec:
     config = model_dir.llm_config(path)
     hidden, vocab = model_dir.sizes(config, path)
+    model_dir.check_with_transformers(path, config)
     if template is None:
         model_chat_template(path)  # a model without one must name a hand-written template
         template = HF_CHAT

@@ -61,3 +61,35 @@ def test_import_never_replaces_an_adapter_unasked(tmp_path):
     import_checkpoint("minigpt4", tmp_path / "ckpt.pth", get_backbone("vicuna-7b-v0"), out, overwrite=True)
     missing_out = run_align("import", "minigpt4qwen", tmp_path / "ckpt.pth")
     assert missing_out.returncode == 2 and "--out" in missing_out.stderr and not (Path.cwd() / "adapter").exists()
+
+
+DAMAGED = {  # what a damaged or hostile checkpoint holds → what is said (they were accepted, or a traceback)
+    "integer weights": ({"llm_proj.weight": torch.ones(4096, 768, dtype=torch.int32)}, "torch.int32, not a floating"),
+    "boolean weights": ({"llm_proj.weight": torch.ones(4096, 768, dtype=torch.bool)}, "torch.bool, not a floating"),
+    "NaN weights": ({"llm_proj.weight": torch.full((4096, 768), float("nan"))}, "NaN or infinite"),
+    "an infinite bias": ({"llm_proj.bias": torch.full((4096,), float("inf"))}, "NaN or infinite"),
+    "a number for a weight": ({"llm_proj.weight": 5}, "of type int, not a tensor"),
+    "a list for a weight": ({"llm_proj.weight": [1.0, 2.0]}, "of type list, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_writes_nothing(tmp_path, case):
+    changes, message = DAMAGED[case]
+    state = {"llm_proj.weight": torch.randn(4096, 768), "llm_proj.bias": torch.zeros(4096), **changes}
+    torch.save({"model": state}, tmp_path / "ckpt.pth")
+    with pytest.raises(AdapterError, match=message):
+        import_checkpoint("minigpt4qwen", tmp_path / "ckpt.pth", get_backbone("qwen-7b-chat"), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_truncated_or_foreign_file_is_one_line(tmp_path):
+    torch.save({"model": {"llm_proj.weight": torch.randn(64, 8), "llm_proj.bias": torch.zeros(64)}}, tmp_path / "c.pth")
+    whole = (tmp_path / "c.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    for name in ("cut.pth", "noise.pth"):
+        done = subprocess.run([sys.executable, "-m", "align", "import", "minigpt4qwen", str(tmp_path / name),
+                               "--backbone", "qwen-7b-chat", "--out", str(tmp_path / "a")], capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "as a weights-only checkpoint" in lines[0], done.stderr

@@ -272,3 +272,44 @@ def test_a_chat_template_that_would_hang_is_refused_at_add_backbone(align_home, 
     assert not result.ok
     assert any("too costly on this conversation: it runs more than" in c.detail for c in result.checks if not c.ok)
     assert not user_registry_dir().exists() or not list(user_registry_dir().iterdir())
+
+
+HOSTILE_CONFIGS = {  # config.json fields that passed into the registry, or ended in a traceback
+    "text_config a list": ({"text_config": [1]}, "text_config must be an object"),
+    "architectures a string": ({"architectures": "Qwen2ForCausalLM"}, "architectures must be a list of class names"),
+    "architectures of numbers": ({"architectures": [1, 2]}, "architectures must be a list of class names"),
+    "model_type a list": ({"model_type": ["qwen2"]}, "model_type must be a name"),
+    "layers a string": ({"num_hidden_layers": "32"}, "num_hidden_layers must be a whole number"),
+    "layers 10**12": ({"num_hidden_layers": 10**12}, "num_hidden_layers must be a whole number"),
+    "layers negative": ({"num_hidden_layers": -4}, "num_hidden_layers must be a whole number"),
+    "intermediate a list": ({"intermediate_size": [1]}, "intermediate_size must be a whole number"),
+    "no attention heads": ({"num_attention_heads": 0}, "num_attention_heads must be a whole number"),
+    "kv heads a boolean": ({"num_key_value_heads": True}, "num_key_value_heads must be a whole number"),
+    "positions NaN": ({"max_position_embeddings": float("nan")}, "max_position_embeddings must be a whole number"),
+    "tied embeddings a string": ({"tie_word_embeddings": "yes"}, "is not a valid qwen2 config: .*tie_word_embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_a_hostile_config_is_one_line_and_registers_nothing(align_home, tmp_path, hf_chatml_dir, case):
+    changes, message = HOSTILE_CONFIGS[case]
+    model = tmp_path / "model"
+    shutil.copytree(hf_chatml_dir, model)
+    config = {**json.loads((model / "config.json").read_text()), "model_type": "qwen2", **changes}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=message):
+        add_backbone("hostile-llm", model)
+    assert not user_registry_dir().exists() or not list(user_registry_dir().iterdir())
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    ('{"hidden_size": 64, "x": ' + "9" * 5000 + "}", "Exceeds the limit"),
+    ('{"hidden_size": 64, "pad": "' + "x" * (17 * 2**20) + '"}', "a file of its kind is far smaller"),
+])
+def test_a_config_file_too_deep_long_or_large_to_read_is_one_line(align_home, tmp_path, hf_chatml_dir, content, message):
+    model = tmp_path / "model"
+    shutil.copytree(hf_chatml_dir, model)
+    (model / "config.json").write_text(content)
+    with pytest.raises(BackboneError, match=message):
+        add_backbone("hostile-llm", model)
