@@ -75,14 +75,14 @@ def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False
     else:
         # Each node's first process builds its own copy (the same key from the same inputs); a failure anywhere
         # stops every rank rather than leaving the others waiting.
-        problem = None
+        problem, built = None, None
         if run.ranks.local_rank == 0:
             try:
-                build()
+                built = build()
             except AlignError as exc:
                 problem = str(exc)
         run.ranks.fail_together(problem, "the render cache could not be built on another node")
-        name = run.ranks.decide(build)  # already built: rank 0 only reads the name
+        name = run.ranks.decide(lambda: built)  # rank 0's (every node built the same key): not computed again
     run.ranks.barrier()
     cache = RenderCache(root / name)
     stage_dir = run.recipe.runtime.output_dir / stage.name

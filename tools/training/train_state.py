@@ -206,13 +206,22 @@ def projector_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
+def diverged(checkpoints: Path, step: int, what: str) -> None:
+    """Stop a stage whose training stopped being finite (every rank sees the same reduced loss and weights), keeping
+    the checkpoints saved before it."""
+    kept = committed_steps(checkpoints)
+    where = f"its checkpoint of step {kept[-1]} is kept" if kept else "no checkpoint of it was saved"
+    raise SharedError(f"stage {checkpoints.parent.name} diverged at step {step}: {what}; nothing of it is written from "
+                      f"here on ({where}). Lower the stage's learning rate or check its data, then run again with "
+                      "--overwrite or --resume")
+
+
 def save_checkpoint(run: Run, engine, scheduler, checkpoints: Path, step: int, stats: Stats) -> None:
     """Every rank writes its state, then rank 0 commits the checkpoint and prunes old ones."""
     folder = step_dir(checkpoints, step)
     projector = projector_state(engine, run.recipe.runtime.zero_stage)  # fp32: exact for fp16/bf16 weights too
     if not all(torch.isfinite(t).all() for t in projector.values()):  # the same on every rank: weights are whole
-        raise SharedError(f"the projector's weights are not finite after step {step}: no checkpoint is written "
-                          f"(the last finite one in {checkpoints} is kept); lower the learning rate")
+        diverged(checkpoints, step, "the projector's weights are not finite")
     state = {"projector": projector, "optimizer": engine.optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": rng_state()}
     problem = None

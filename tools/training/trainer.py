@@ -43,7 +43,7 @@ from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_
 from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe
 from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.training.run import Run, StageData, stage_data
-from align.tools.training.train_state import Stats, committed_steps, projector_state, restore, save_checkpoint
+from align.tools.training.train_state import Stats, diverged, projector_state, restore, save_checkpoint
 from align.tools.training.training_data import collate
 
 
@@ -296,7 +296,7 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
             loss = (totals.loss_sum / max(1, totals.supervised) if stage.loss == "token"
                     else totals.loss_sum / max(1, totals.micro_batches))
             if not math.isfinite(loss):
-                diverged(run, stage, step + 1, f"the loss is {loss}")
+                diverged(checkpoints, step + 1, f"the loss is {loss}")
             stats.last_loss = loss
             stats.muted += totals.muted
             norm = engine.get_global_grad_norm()
@@ -319,17 +319,6 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 raise KeyboardInterrupt
             if (step + 1) % runtime.save_interval == 0 and step + 1 < total:
                 save_checkpoint(run, engine, scheduler, checkpoints, step + 1, stats)
-
-
-def diverged(run: Run, stage: Stage, step: int, what: str) -> None:
-    """Stop a stage whose training stopped being finite (every rank sees the same reduced loss and weights), keeping
-    what was saved before it."""
-    checkpoints = run.recipe.runtime.output_dir / stage.name / CHECKPOINTS
-    kept = committed_steps(checkpoints)
-    where = f"its checkpoint of step {kept[-1]} is kept" if kept else "no checkpoint of it was saved"
-    raise SharedError(f"stage {stage.name} diverged at step {step}: {what}; nothing of it is written from here on "
-                      f"({where}). Lower the stage's learning rate or check its data, then run again with --overwrite "
-                      "or --resume")
 
 
 def _float(value) -> float | None:
@@ -377,10 +366,10 @@ def finish_stage(run: Run, stage: Stage, data: StageData, engine, total: int, st
                  show_progress: bool) -> None:
     """Write the stage's adapter and summary (rank 0)."""
     state = projector_state(engine, run.recipe.runtime.zero_stage)
-    if not all(torch.isfinite(t).all() for t in state.values()):
-        diverged(run, stage, total, "the projector's weights are not finite")
-    share = frozen_share(run)
     stage_dir = run.recipe.runtime.output_dir / stage.name
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        diverged(stage_dir / CHECKPOINTS, total, "the projector's weights are not finite")
+    share = frozen_share(run)
     if not run.main:
         return
     save_adapter(stage_dir / ADAPTER_DIR, adapter_config(run, stage, total, data.template), state)
