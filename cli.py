@@ -531,7 +531,7 @@ def chat(
     """Talk about an image with a trained adapter, in the backbone's own chat template."""
     from align.backbones.llm import remote_code_opt_in
     from align.tools.inference.chat_repl import open_session, run_repl
-    from align.tools.inference.generation import GenerationOptions
+    from align.tools.generation import GenerationOptions
 
     options = GenerationOptions(max_new_tokens, temperature, top_p, beams, repetition_penalty)
     with remote_code_opt_in(REMOTE_CODE_FLAG):
@@ -569,8 +569,8 @@ def caption(
     """Caption (or answer the first question of) every record of a manifest; bad records are skipped with a reason."""
     from align.backbones.llm import remote_code_opt_in
     from align.tools.inference.caption import caption_manifest
-    from align.tools.inference.generation import GenerationOptions
-    from align.tools.inference.pipeline import Pipeline
+    from align.tools.generation import GenerationOptions
+    from align.tools.pipeline import Pipeline
 
     if encoder is None:
         raise AlignError("--encoder PATH is needed: captions are generated from the images themselves")

@@ -22,8 +22,8 @@ from align.backbones.native.baichuan_alibi import BaichuanAlibiForCausalLM
 from align.backbones.registry import add_backbone
 from align.errors import BackboneError
 from align.tools.feature_store import FeatureStore
-from align.tools.inference.generation import GenerationOptions
-from align.tools.inference.pipeline import Pipeline
+from align.tools.generation import GenerationOptions
+from align.tools.pipeline import Pipeline
 from conftest import run_align, write_config
 from native_checkpoints import (
     baichuan_config,

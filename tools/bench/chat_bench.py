@@ -10,8 +10,8 @@ import torch
 from align.errors import AlignError
 from align.tools.bench.bench import RESULTS_DIR, device_name, write_result
 from align.tools.inference.chat_session import ChatSession
-from align.tools.inference.generation import GenerationOptions
-from align.tools.inference.pipeline import Pipeline
+from align.tools.generation import GenerationOptions
+from align.tools.pipeline import Pipeline
 
 QUESTIONS = ("Describe this image.", "What colour is it?", "What shape is it?", "Describe it again, please.")
 

@@ -32,8 +32,8 @@ from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, bui
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
 from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
-from align.tools.inference.generation import GenerationOptions
-from align.tools.inference.pipeline import Pipeline
+from align.tools.generation import GenerationOptions
+from align.tools.pipeline import Pipeline
 from align.tools.runtime import child_environment, progress_columns
 
 BACKBONE = "demo-tiny"

@@ -13,11 +13,11 @@ from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
 from align.files import open_own, read_json_object, write_atomic
 from align.templates import conversation_from_record
-from align.tools.inference.generation import GenerationOptions
+from align.tools.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
 from align.tools.images import read_image
 from align.tools.runtime import progress_columns
-from align.tools.inference.pipeline import Pipeline
+from align.tools.pipeline import Pipeline
 from align.tools.rejects import RejectLog, rejects_path
 
 

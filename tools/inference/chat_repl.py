@@ -8,9 +8,9 @@ from typing import TextIO
 
 from align.backbones.registry import align_home
 from align.errors import AlignError
-from align.tools.inference.chat_session import ChatSession
-from align.tools.inference.generation import GenerationOptions
-from align.tools.inference.pipeline import Pipeline
+from align.tools.inference.chat_session import ChatSession, open_chat
+from align.tools.generation import GenerationOptions
+from align.tools.pipeline import Pipeline
 
 HELP = """commands:
   :image PATH   talk about another image (starts a new conversation)
@@ -39,7 +39,7 @@ def open_session(
     pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device, dtype=dtype,
                              quantization=quantization, trust_remote_code=trust_remote_code)
     stored = pipeline.stored_features(features, key) if features is not None else None
-    return pipeline.chat(image=image, features=stored)
+    return open_chat(pipeline, image=image, features=stored)
 
 
 def line_editing(history: Path) -> None:

@@ -4,9 +4,19 @@ from collections.abc import Callable
 
 import torch
 
-from align.tools.inference.generation import GenerationOptions, TurnCache
+from align.tools.generation import GenerationOptions, TurnCache
 from align.tools.images import ImageInput
-from align.tools.inference.pipeline import Pipeline, Turn
+from align.tools.pipeline import Pipeline, Turn
+
+
+def open_chat(pipeline: Pipeline, image: ImageInput | None = None, features: torch.Tensor | None = None) -> "ChatSession":
+    """A multi-turn conversation about an image (or about stored `features`)."""
+    session = ChatSession(pipeline)
+    if image is not None:
+        session.set_image(image)
+    elif features is not None:
+        session.set_features(features)
+    return session
 
 
 class ChatSession:

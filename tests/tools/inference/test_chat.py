@@ -12,9 +12,10 @@ from align.errors import AlignError
 from align.tools.inference.caption import caption_manifest
 from align.tools.rejects import rejects_path
 from align.tools.inference.chat_repl import open_session, run_repl
+from align.tools.inference.chat_session import open_chat
 from align.tools.feature_store import FeatureStore
-from align.tools.inference.generation import GenerationOptions, Stops
-from align.tools.inference.pipeline import Pipeline
+from align.tools.generation import GenerationOptions, Stops
+from align.tools.pipeline import Pipeline
 from conftest import run_align
 
 GREEDY = GenerationOptions(max_new_tokens=6)
@@ -137,7 +138,7 @@ def test_stop_strings_end_replies_and_are_never_shown():
 
 
 def test_chat_session_keeps_history_and_a_new_image_starts_over(pipeline, home):
-    session = pipeline.chat(image(home, 0))
+    session = open_chat(pipeline, image(home, 0))
     first = session.ask("Describe this image.", GREEDY)
     session.ask("And the colour?", GREEDY)
     assert [q for q, _ in session.turns] == ["Describe this image.", "And the colour?"]
@@ -172,7 +173,7 @@ def test_the_kv_cache_is_not_reused_when_the_prompt_differs_before_the_image(pip
     # where image slots hold placeholder ids: the image was lost when it lay past that point.
     from dataclasses import replace
 
-    from align.tools.inference.generation import TurnCache
+    from align.tools.generation import TurnCache
 
     features = pipeline.image_features([image(home, 3)]) * 40
     first = pipeline.prompt([("Describe this image.", None)], with_image=True)
@@ -201,7 +202,7 @@ def test_a_question_that_fits_gets_the_rest_of_the_context_for_its_reply(pipelin
     # record of the demo's held-out set); the reply is cut at the context instead.
     from dataclasses import replace
 
-    from align.tools.inference import pipeline as pipeline_module
+    from align.tools import pipeline as pipeline_module
 
     options = replace(GREEDY, max_new_tokens=pipeline.max_positions * 2)
     prompt = pipeline.prompt([("Hi", None)], with_image=True, room=options.max_new_tokens)
@@ -217,7 +218,7 @@ def test_stored_features_equal_the_encoder_run(pipeline, home):
     path = image(home, 3)
     stored = pipeline.stored_features(home["features"], str(path))
     assert torch.equal(stored, pipeline.image_features([path]))
-    assert pipeline.generate(path, "Hi", GREEDY) == pipeline.chat(features=stored).ask("Hi", GREEDY)
+    assert pipeline.generate(path, "Hi", GREEDY) == open_chat(pipeline, features=stored).ask("Hi", GREEDY)
 
 
 def test_stored_features_of_an_image_changed_since_extraction_are_refused(pipeline, tiny_blip2, tmp_path):
@@ -236,7 +237,7 @@ def test_stored_features_of_an_image_changed_since_extraction_are_refused(pipeli
 
 def test_a_wrong_encoder_or_store_is_refused_before_the_llm_loads(home, adapter, tiny_blip2, tmp_path, monkeypatch):
     from blip2_tiny import build_tiny_blip2, save_hf
-    from align.tools.inference import pipeline as pipeline_module
+    from align.tools import pipeline as pipeline_module
     from align.tools.features.extract import extract_features
 
     def never(*args, **kwargs):
@@ -275,7 +276,7 @@ def test_repl_commands(pipeline, home, tmp_path):
     lines = iter([":help", "Describe this image.", ":history", ":image " + str(tmp_path / "absent.png"),
                   ":clear", ":history", ":image " + str(image(home, 1)), ":frobnicate", "Hi", ":quit", "never read"])
     out = io.StringIO()
-    session = pipeline.chat(image(home, 0))
+    session = open_chat(pipeline, image(home, 0))
     run_repl(session, GREEDY, read=lambda prompt: next(lines), out=out)
     text = out.getvalue()
     assert ":image PATH" in text and "you> Describe this image.\nbot> " in text
@@ -291,7 +292,7 @@ def test_chat_command_answers_questions_on_stdout(home, adapter, tiny_blip2, pip
                     "--question", "Describe this image.", "--question", "And the colour?", "--max-new-tokens", 6,
                     home=home["home"], timeout=300)
     assert result.returncode == 0, result.stderr
-    session = pipeline.chat(image(home, 0))
+    session = open_chat(pipeline, image(home, 0))
     expected = [session.ask("Describe this image.", GREEDY), session.ask("And the colour?", GREEDY)]
     assert result.stdout.splitlines() == expected
     missing = run_align("chat", "--adapter", adapter.parent / "missing", "--question", "Hi", home=home["home"], timeout=300)

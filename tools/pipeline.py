@@ -1,17 +1,16 @@
-"""The inference pipeline: an adapter directory loaded with its backbone, frozen LLM and frozen encoder.
+"""An adapter directory loaded with its backbone, frozen LLM and frozen encoder: what chat, captioning and evaluation
+generate with (shared by those rooms).
 
 ```python
-from align.tools.inference.pipeline import Pipeline
+from align.tools.pipeline import Pipeline
 pipe = Pipeline.load("runs/x/chat/adapter", encoder="blip2-encoder")
 print(pipe.generate("cat.jpg", "What is in this image?"))
-chat = pipe.chat("cat.jpg"); chat.ask("What colour is it?"); chat.ask("And its paws?")
 ```
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,11 +28,8 @@ from align.templates import Rendered, Template, render, resolve_controls, stop_i
 from align.templates.conversation import conversation_from_turns
 from align.tools.feature_store import FeatureStore
 from align.tools.images import ImageInput, read_image
-from align.tools.inference.generation import GenerationOptions, Stops, TurnCache, generate
+from align.tools.generation import GenerationOptions, Stops, TurnCache, generate
 from align.tools.runtime import local_device
-
-if TYPE_CHECKING:  # chat_session imports this module
-    from align.tools.inference.chat_session import ChatSession
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
 
@@ -149,17 +145,6 @@ class Pipeline:
         options = options or GenerationOptions()
         prompt = self.prompt([(question, None)], image is not None, options.max_new_tokens)
         return self.generate_batch([prompt], features, options, on_text)[0]
-
-    def chat(self, image: ImageInput | None = None, features: torch.Tensor | None = None) -> "ChatSession":
-        """A multi-turn conversation about an image (or about stored `features`)."""
-        from align.tools.inference.chat_session import ChatSession
-
-        session = ChatSession(self)
-        if image is not None:
-            session.set_image(image)
-        elif features is not None:
-            session.set_features(features)
-        return session
 
 
 def _check_store(config: AdapterConfig, store: FeatureStore, where: str) -> None:
