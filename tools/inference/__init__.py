@@ -1,5 +1,6 @@
-"""Inference: generation through the projector, the Python `Pipeline`, chat sessions and the REPL, batch
-captioning (reading stored features, never extracting them).
+"""Inference: chat sessions and the REPL, batch captioning, through the shared `Pipeline` (reading stored features,
+never extracting them).
 
-May import: the shared tools modules (feature_store, manifest, images, rejects, runtime) and lower layers.
+May import: the shared tools modules (pipeline, generation, feature_store, manifest, images, rejects, runtime) and
+lower layers.
 """
