@@ -38,6 +38,8 @@ import_app = typer.Typer(help="Import projectors trained by other toolkits.", no
 app.add_typer(import_app, name="import")
 bench_app = typer.Typer(help="Measure speed; results go to bench/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Score adapters on benchmarks as their official tools score them.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 # Piped output gets a wide fixed width so tables are not squeezed to 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -581,6 +583,136 @@ def caption(
     summary = caption_manifest(pipeline, manifest, out, prompt=prompt, options=options, batch_size=batch_size,
                                image_root=image_root, progress=not as_json)
     _print_record(summary.as_dict(), as_json)
+
+
+EvalAdapters = Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter to generate answers with (repeat for a side-by-side table).")]
+EvalPredictions = Annotated[Optional[Path], typer.Option(help="Only score this predictions file (the benchmark's results format, from any model).")]
+EvalOut = Annotated[Optional[Path], typer.Option(help="Folder for answers, the results file and scores (continued when rerun).")]
+EvalImages = Annotated[Path, typer.Option(help="Folder of the benchmark's images.")]
+EvalLimit = Annotated[Optional[int], typer.Option(help="Ask a fixed, seeded subsample of this many questions.")]
+EvalPrompt = Annotated[Optional[str], typer.Option(help="Instruction after each question (default: the benchmark's own).")]
+EvalBatch = Annotated[int, typer.Option(help="Questions generated together (left-padded).")]
+EvalFeatures = Annotated[Optional[Path], typer.Option(help="Feature store holding the images (no encoder run).")]
+EvalMaxNew = Annotated[Optional[int], typer.Option(help="Longest answer in tokens (default: the benchmark's).")]
+
+
+def _eval(benchmark, adapters, predictions, out, model, encoder, features, limit, batch_size, prompt, max_new_tokens,
+          device, as_json) -> None:
+    """Run one benchmark and print its table (or one JSON object of metric names)."""
+    from align.tools.evaluate.evaluate import run_eval
+    from align.tools.generation import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens or benchmark.max_new_tokens, temperature=0.0)
+    rows = run_eval(benchmark, adapters=adapters or [], predictions=predictions, out=out, model=model,
+                    encoder=encoder, features=features, limit=limit, batch_size=batch_size, prompt=prompt,
+                    options=options, device=device, progress=not as_json)
+    if as_json:
+        _print_json(rows[0].scores if len(rows) == 1 else {row.name: row.scores for row in rows})
+        return
+    metrics = [k for k, v in rows[0].scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("questions", "images")]
+    table = Table("model", *metrics, "questions", title=f"{benchmark.kind}")
+    for row in rows:
+        table.add_row(escape(row.name), *(f"{row.scores.get(m, 0):.4g}" for m in metrics), str(row.questions))
+    console.print(table)
+    for row in rows:
+        if row.folder:
+            console.print(f"{escape(row.name)}: answers and scores in {escape(row.folder)} "
+                          f"({row.questions_per_second} questions/s, {row.rejected} rejected)", highlight=False)
+
+
+@eval_app.command("coco-caption")
+def eval_coco_caption(
+    references: Annotated[Path, typer.Option(help='COCO-style references: {"images": [...], "annotations": [...]}.')],
+    images: EvalImages, adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Captions (Karpathy test, NoCaps, Flickr30k): BLEU-1..4, METEOR, ROUGE-L, CIDEr by pycocoevalcap."""
+    from align.tools.evaluate.benchmarks import coco_caption
+
+    _eval(coco_caption(references, images), adapter, predictions, out, model, encoder, features, limit, batch_size,
+          prompt, max_new_tokens, device, as_json)
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    questions: Annotated[Path, typer.Option(help='VQA questions file: {"questions": [...]}.')],
+    images: EvalImages,
+    annotations: Annotated[Optional[Path], typer.Option(help="VQA annotations (ten answers a question); without them only the results file is written.")] = None,
+    image_pattern: Annotated[str, typer.Option(help="Image file name of a question's image_id.")] = "COCO_val2014_{image_id:012d}.jpg",
+    adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Open-ended VQA (VQAv2, OK-VQA, VizWiz, TextVQA): the official VQA accuracy, and exact match."""
+    from align.tools.evaluate.benchmarks import vqa
+
+    _eval(vqa(questions, annotations, images, image_pattern), adapter, predictions, out, model, encoder, features,
+          limit, batch_size, prompt, max_new_tokens, device, as_json)
+
+
+@eval_app.command("pope")
+def eval_pope(
+    questions: Annotated[Path, typer.Option(help="POPE questions (JSON lines: question_id, image, text, label).")],
+    images: EvalImages, adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """POPE object hallucination: accuracy, precision, recall, F1, yes ratio (as LLaVA scores it)."""
+    from align.tools.evaluate.benchmarks import pope
+
+    _eval(pope(questions, images), adapter, predictions, out, model, encoder, features, limit, batch_size, prompt,
+          max_new_tokens, device, as_json)
+
+
+@eval_app.command("mme")
+def eval_mme(
+    root: Annotated[Path, typer.Option(help="MME_Benchmark_release_version folder (one folder per subtask).")],
+    adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """MME: accuracy and accuracy+ per subtask, perception and cognition totals (as its eval_tool scores them)."""
+    from align.tools.evaluate.benchmarks import mme
+
+    _eval(mme(root), adapter, predictions, out, model, encoder, features, limit, batch_size, prompt, max_new_tokens,
+          device, as_json)
+
+
+@eval_app.command("mmbench")
+def eval_mmbench(
+    tsv: Annotated[Path, typer.Option(help="MMBench TSV (dev: with answers).")],
+    adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """MMBench multiple choice: the option letter read from each answer (none readable is wrong)."""
+    from align.tools.evaluate.benchmarks import mmbench
+
+    _eval(mmbench(tsv), adapter, predictions, out, model, encoder, None, limit, batch_size, prompt, max_new_tokens,
+          device, as_json)
+
+
+@eval_app.command("jsonl")
+def eval_jsonl(
+    data: Annotated[Path, typer.Option(help='align JSON lines: {"image", "question", "answers"} or {"image", "captions"}.')],
+    images: Annotated[Optional[Path], typer.Option(help="Folder relative image paths start from (default: the file's).")] = None,
+    adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Your own data (Chinese included): answer accuracy and exact match, or caption metrics."""
+    from align.tools.evaluate.benchmarks import align_jsonl
+
+    _eval(align_jsonl(data, images), adapter, predictions, out, model, encoder, features, limit, batch_size, prompt,
+          max_new_tokens, device, as_json)
 
 
 @app.command("demo")

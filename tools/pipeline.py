@@ -8,6 +8,7 @@ print(pipe.generate("cat.jpg", "What is in this image?"))
 ```
 """
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,13 @@ class Pipeline:
         if loaded is not None:
             loaded = loaded.to(device, default_compute_dtype(device))
         return cls(config, vision_llm, tokenizer, loaded, spec, device, template)
+
+    def projector_digest(self) -> str:
+        """A hash of the projector's weights: what tells one adapter's outputs from another's."""
+        weights = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(self.model.projector.state_dict().items()):
+            weights.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        return weights.hexdigest()
 
     # -- features -----------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
 """`align caption`: batched generation over a manifest into a predictions file that resumes where it stopped."""
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,11 +102,8 @@ def caption_job(pipeline: Pipeline, manifest: Path, prompt: str, options: Genera
                 image_root: Path | None) -> dict:
     """What decides a predictions file: the manifest, the adapter (its config and weights), the prompt, the
     generation options and the image root."""
-    weights = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(pipeline.model.projector.state_dict().items()):
-        weights.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return {"manifest": str(Path(manifest).resolve()), "adapter": pipeline.adapter.model_dump(mode="json"),
-            "projector": weights.hexdigest(), "prompt": prompt, "options": asdict(options),
+            "projector": pipeline.projector_digest(), "prompt": prompt, "options": asdict(options),
             "image_root": str(image_root.resolve()) if image_root else None}
 
 
