@@ -6,14 +6,12 @@ import json
 import pytest
 import torch
 
-from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
-from align.adapters.projector import build_projector
+from align.adapters.adapter_files import AdapterError, load_adapter, save_adapter
 from align.errors import AlignError
 from align.tools.inference.caption import caption_manifest
 from align.tools.rejects import rejects_path
 from align.tools.inference.chat_repl import open_session, run_repl
 from align.tools.inference.chat_session import open_chat
-from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions, Stops
 from align.tools.pipeline import Pipeline
 from conftest import run_align
@@ -25,18 +23,6 @@ GREEDY = GenerationOptions(max_new_tokens=6)
 def home(train_workspace, monkeypatch):
     monkeypatch.setenv("ALIGN_HOME", str(train_workspace["home"]))
     return train_workspace
-
-
-@pytest.fixture(scope="module")
-def adapter(train_workspace, tmp_path_factory):
-    """A random linear projector bound to tiny-llama and to the workspace's encoder."""
-    store = FeatureStore.open(train_workspace["features"])
-    torch.manual_seed(1)
-    projector = build_projector("linear", 24, 32)
-    config = AdapterConfig(projector="linear", in_features=24, out_features=32, backbone="tiny-llama", hidden_size=32,
-                           vocab_size=640, template="vicuna-v1.1", num_query_tokens=4,
-                           encoder_fingerprint=store.meta["encoder_fingerprint"], stage="chat", step=1)
-    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", config, projector.state_dict())
 
 
 @pytest.fixture
