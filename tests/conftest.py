@@ -213,3 +213,21 @@ def tiny_recipe(workspace: dict, folder: Path) -> tuple[Path, list[str]]:
     shutil.copy(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", recipe)
     return recipe, [f"features={workspace['features']}", f"stages.caption.data.0.manifest={workspace['manifest']}",
                     f"stages.chat.data.0.manifest={workspace['manifest']}"]
+
+
+@pytest.fixture(scope="module")
+def adapter(train_workspace, tmp_path_factory):
+    """A random linear projector bound to tiny-llama and to the workspace's encoder."""
+    from align.adapters.adapter_files import AdapterConfig, save_adapter
+    from align.adapters.projector import build_projector
+    from align.tools.feature_store import FeatureStore
+
+    import torch
+
+    store = FeatureStore.open(train_workspace["features"])
+    torch.manual_seed(1)
+    projector = build_projector("linear", 24, 32)
+    config = AdapterConfig(projector="linear", in_features=24, out_features=32, backbone="tiny-llama", hidden_size=32,
+                           vocab_size=640, template="vicuna-v1.1", num_query_tokens=4,
+                           encoder_fingerprint=store.meta["encoder_fingerprint"], stage="chat", step=1)
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", config, projector.state_dict())
