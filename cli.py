@@ -715,6 +715,17 @@ def eval_jsonl(
           max_new_tokens, device, as_json)
 
 
+@app.command("plot")
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run folder (align train --output) or its metrics.jsonl.")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN/curves.png).")] = None,
+) -> None:
+    """Draw a run's curves: loss (raw and smoothed), learning rate, gradient norm, throughput, evaluations."""
+    from align.tools.training.plot import plot_run
+
+    console.print(f"curves: {escape(str(plot_run(run, out)))}", highlight=False)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Workspace folder (a previous demo's is cleared).")] = Path("align-demo"),

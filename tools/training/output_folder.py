@@ -1,5 +1,6 @@
 """A run's output folder: held by one job at a time, refused when it holds another run unless resuming it or told
-to overwrite it, and on resume the recipe compared with the one the run started with."""
+to overwrite it, and on resume the recipe compared with the one the run started with and metrics.jsonl cut back to
+the checkpoint."""
 
 import json
 import shutil
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from align.constants import METRICS, RECIPE_JSON
 from align.errors import AlignError
-from align.files import FolderLock, read_json_object
+from align.files import FolderLock, read_json_object, write_atomic
 from align.tools.training.recipe import Recipe, stage_by_name
 
 
@@ -66,3 +67,23 @@ def check_resumed_recipe(run_dir: Path, recipe: Recipe, allow_changes: bool) -> 
         raise AlignError(f"--resume with a changed recipe ({', '.join(changed)}); the run started with "
                          f"{saved_path}. Pass --allow-recipe-change to resume anyway")
 
+
+
+def trim_metrics(path: Path, stage: str, start: int) -> None:
+    """metrics.jsonl as it was at the checkpoint a stage resumes from: its lines for steps after `start` (taken again
+    now) and lines a kill tore are dropped, so every step is in the file once."""
+    if not path.is_file():
+        return
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            later = record.get("stage") == stage and record.get("step", 0) > start
+        except (ValueError, AttributeError):
+            later = True  # torn by a kill
+        if later:
+            changed = True
+        else:
+            kept.append(line)
+    if changed:
+        write_atomic(path, "".join(line + "\n" for line in kept))

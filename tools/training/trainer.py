@@ -40,7 +40,7 @@ from align.words import counted
 from align.tools.feature_store import FeatureStore
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_torch_linear
-from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe
+from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe, trim_metrics
 from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.training.run import Run, StageData, stage_data
 from align.tools.training.train_state import Stats, diverged, projector_state, restore, save_checkpoint
@@ -344,6 +344,8 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
     engine, scheduler = make_engine(run, stage, previous, total)
     checkpoints = stage_dir / CHECKPOINTS
     start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
+    if resume and run.main:
+        trim_metrics(runtime.output_dir / METRICS, stage.name, start)
     key = data.cache.meta["key"]
     if stats.data not in (None, key):
         raise SharedError(f"stage {stage.name}: its data changed since the checkpoint of step {start} (the manifests, "

@@ -89,6 +89,11 @@ def test_kills_and_sigterms_at_random_moments_resume_to_the_uninterrupted_adapte
     for want, got in zip(adapters(reference), adapters(cut)):
         for key in want:
             assert torch.equal(want[key], got[key]), (seed, key)
+    # Every step once in metrics.jsonl, in order, with the uninterrupted run's losses (a kill repeated the steps
+    # after the last checkpoint).
+    steps = [[(r["stage"], r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+             for run in (reference, cut)]
+    assert steps[0] == steps[1], seed
 
 
 @pytest.mark.slow
