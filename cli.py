@@ -740,9 +740,10 @@ def demo(
     if as_json:
         print(json.dumps(result.as_json()))
     else:
-        table = Table("projector", "right colour and shape", title=f"{result.held_out} held-out pictures")
+        table = Table("projector", "right colour and shape", "CIDEr", title=f"{result.held_out} held-out pictures "
+                      "(align eval)")
         for name, accuracy in result.accuracy.items():
-            table.add_row(name, f"{accuracy:.0%}")
+            table.add_row(name, f"{accuracy:.0%}", f"{result.cider[name]:.3f}")
         console.print(table)
         for example in result.examples:
             console.print(f"  {example['projector']:<9} {example['image']} ({example['truth']}): "

@@ -30,11 +30,13 @@ from align.constants import ADAPTER_DIR
 from align.errors import AlignError
 from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
+from align.tools.evaluate.benchmarks import align_jsonl
+from align.tools.evaluate.evaluate import ANSWERS, evaluate_adapter
 from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
-from align.tools.pipeline import Pipeline
 from align.tools.runtime import child_environment, progress_columns
+from align.tools.training.plot import plot_run
 
 BACKBONE = "demo-tiny"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
@@ -59,6 +61,7 @@ class DemoResult:
 
     held_out: int
     accuracy: dict[str, float]
+    cider: dict[str, float]  # of the answers against reference captions, by pycocoevalcap
     seconds: float
     workspace: str
     examples: list[dict] = field(default_factory=list)  # a few held-out answers per projector
@@ -71,7 +74,7 @@ class DemoResult:
 
     def as_json(self) -> dict:
         """The `align demo --json` contract."""
-        return {"held_out": self.held_out, "accuracy": self.accuracy, "seconds": self.seconds,
+        return {"held_out": self.held_out, "accuracy": self.accuracy, "cider": self.cider, "seconds": self.seconds,
                 "workspace": self.workspace}
 
 
@@ -115,7 +118,11 @@ def write_data(ws: Path, seed: int) -> list[tuple[Path, Content]]:
         path = ws / "images" / "held_out" / f"{i:03d}.png"
         draw(content, rng).save(path)
         held_out.append((path, content))
-    for name, records in (("captions", captions), ("chat", chats),
+    # The held-out benchmark in align's own JSONL (`align eval jsonl`): the answer the chat stage was taught, and the
+    # plain caption, as references.
+    evaluation = [{"image": f"../images/held_out/{p.name}", "captions": [f"It is a {c.colour} {c.shape}.", c.words]}
+                  for p, c in held_out]
+    for name, records in (("captions", captions), ("chat", chats), ("held_out_eval", evaluation),
                           ("held_out", [{"image": f"../images/held_out/{p.name}", "caption": c.words} for p, c in held_out])):
         (ws / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return held_out
@@ -159,21 +166,23 @@ def run_train(recipe: Path, seed: int, quiet: bool) -> None:
         raise DemoError(f"`align train {recipe}` failed (exit {result.returncode}) {' '.join(detail)}")
 
 
-def score(ws: Path, held_out: list[tuple[Path, Content]]) -> tuple[dict[str, float], list[dict]]:
-    """Accuracy of each projector on the held-out pictures, asked to describe them in the chat template."""
-    accuracy, examples, features = {}, [], None
+def score(ws: Path, held_out: list[tuple[Path, Content]], quiet: bool) -> tuple[dict, dict, list[dict]]:
+    """Each projector through `align eval` on the held-out pictures (align's JSONL with reference captions), asked to
+    describe them in the chat template: the share naming colour and shape right, and the answers' CIDEr."""
+    benchmark = align_jsonl(ws / "data" / "held_out_eval.jsonl", None)
     options = GenerationOptions(max_new_tokens=24)
+    accuracy, cider, examples = {}, {}, []
     for label, stage in STAGES.items():
-        pipeline = Pipeline.load(ws / "runs" / stage / ADAPTER_DIR, model=ws / "llm", encoder=ws / "encoder", device="cpu")
-        if features is None:
-            features = pipeline.image_features([path for path, _ in held_out])
-        prompts = [pipeline.prompt([(DESCRIBE, None)], with_image=True, room=options.max_new_tokens)] * len(held_out)
-        answers = pipeline.generate_batch(prompts, features, options)
+        row = evaluate_adapter(benchmark, ws / "runs" / stage / ADAPTER_DIR, ws / "eval" / label, model=ws / "llm",
+                               encoder=ws / "encoder", prompt=DESCRIBE, options=options, batch_size=len(held_out),
+                               device="cpu", progress=not quiet)
+        answers = [json.loads(line)["answer"] for line in (ws / "eval" / label / ANSWERS).read_text().splitlines()]
         right = [names_correctly(answer, content) for answer, (_, content) in zip(answers, held_out)]
         accuracy[label] = round(sum(right) / len(held_out), 4)
+        cider[label] = round(row.scores["CIDEr"], 4)
         examples += [{"projector": label, "image": str(path.relative_to(ws)), "truth": content.words, "answer": answer}
                      for (path, content), answer in list(zip(held_out, answers))[:3]]
-    return accuracy, examples
+    return accuracy, cider, examples
 
 
 def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False) -> DemoResult:
@@ -203,9 +212,10 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     write_untrained_adapter(ws, seed)
     run_train(recipe, seed, quiet)
     say(f"[5/5] asking the LLM to describe each of the {len(held_out)} held-out pictures, with each projector")
-    accuracy, examples = score(ws, held_out)
-    result = DemoResult(held_out=len(held_out), accuracy=accuracy, seconds=round(time.perf_counter() - started, 1),
-                        workspace=str(ws), examples=examples)
+    accuracy, cider, examples = score(ws, held_out, quiet)
+    plot_run(ws / "runs")
+    result = DemoResult(held_out=len(held_out), accuracy=accuracy, cider=cider,
+                        seconds=round(time.perf_counter() - started, 1), workspace=str(ws), examples=examples)
     first = held_out[0][0]
     result.commands = {
         "chat": f"align chat --adapter {ws}/runs/chat/adapter --model {ws}/llm --encoder {ws}/encoder --image {first}",

@@ -7,10 +7,14 @@ tokenizing, so n-gram metrics count character n-grams (as Chinese captioning eva
 """
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+
+from align.errors import AlignError
 
 _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
 # The tokens pycocoevalcap's PTBTokenizer drops after tokenizing.
@@ -22,6 +26,27 @@ _WORDS = re.compile(r"[^\W_]+(?:'[^\W_]+)?|\.\.\.|--|\S")
 def split_cjk(text: str) -> str:
     """CJK characters spaced apart, so that each is a token."""
     return re.sub(r"\s+", " ", _CJK.sub(r" \1 ", text)).strip()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Both output streams, at the file-descriptor level (Java subprocesses inherit them), into a temporary file."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except Exception as exc:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            sink.seek(0)
+            said = sink.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise AlignError(f"pycocoevalcap failed: {exc} {' | '.join(said)}".strip()) from None
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
 def java_available() -> bool:
@@ -55,8 +80,9 @@ def caption_scores(references: dict, predictions: dict, use_java: bool | None = 
     gts = {i: [split_cjk(c) for c in references[i]] for i in ids}
     res = {i: [split_cjk(predictions[i])] for i in ids}
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-    # pycocoevalcap prints its progress on stdout: kept off it, so `--json` prints one document.
-    with contextlib.redirect_stdout(sys.stderr):
+    # pycocoevalcap and its Java tools print progress on stdout and stderr: kept off both (`--json` prints one
+    # document), and shown only if scoring fails.
+    with _quiet():
         if use_java:
             from pycocoevalcap.meteor.meteor import Meteor
             from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

@@ -27,7 +27,9 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     out, report, home = demo
-    assert set(report) == {"held_out", "accuracy", "seconds", "workspace"}
+    assert set(report) == {"held_out", "accuracy", "cider", "seconds", "workspace"}
+    assert report["cider"]["stage2"] > report["cider"]["untrained"]  # align eval's CIDEr of the same answers
+    assert (out / "runs" / "curves.png").is_file() and (out / "eval" / "stage2" / "scores.json").is_file()
     assert set(report["accuracy"]) == {"untrained", "stage1", "stage2"} and report["held_out"] == 48
     accuracy = report["accuracy"]
     assert accuracy["stage2"] >= accuracy["untrained"] + REQUIRED_GAIN and accuracy["stage2"] >= 0.6
