@@ -342,6 +342,24 @@ def bench_chat(
                   f"tokens/s) → {path}", highlight=False)
 
 
+@bench_app.command("eval")
+def bench_eval(
+    workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its chat adapter, LLM, encoder and held-out benchmark.")] = Path("align-demo"),
+    size: Annotated[str, typer.Option(help="demo (the workspace's own models) or small (a 26M-parameter LLM).")] = "demo",
+    questions: Annotated[int, typer.Option(min=1, help="Questions answered each way.")] = 48,
+    batch_size: Annotated[int, typer.Option(min=2, help="Questions per batch in the batched run.")] = 16,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON result is written (default: WORKSPACE/bench/results).")] = None,
+) -> None:
+    """Questions/s of align eval one question at a time and in left-padded batches."""
+    from align.tools.bench.eval_bench import bench_eval as run
+
+    result, path = run(workspace, size=size, questions=questions, batch_size=batch_size,
+                       out_dir=out_dir or workspace / RESULTS_IN_WORKSPACE, say=_say)
+    console.print(f"{result['batched_questions_per_second']} questions/s in batches of {batch_size} vs "
+                  f"{result['batch_1_questions_per_second']} one at a time ({result['speedup']}x) → {path}",
+                  highlight=False)
+
+
 @bench_app.command("load-llm")
 def bench_load_llm(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Keep the random Qwen-7B-shaped checkpoint here and reuse "
