@@ -54,6 +54,16 @@ class Schedule(Strict):
     warmup_steps: int = Field(0, ge=0)
 
 
+class StageEval(Strict):
+    """Validation during a stage: the loss on held-out records (per supervised token, like the training loss), every
+    `every` steps and at the stage's end, logged in metrics.jsonl."""
+
+    data: list[DataSource] = Field(min_length=1, description="held-out manifests (their images in the feature store)")
+    every: int = Field(0, ge=0, description="optimizer steps between validations (0: only at the stage's end)")
+    keep_best: Literal["val_loss"] | None = Field(
+        None, description="also keep the adapter of the lowest validation loss, in STAGE/best/adapter")
+
+
 class Stage(Strict):
     """One training stage; stages run in order, each starting from the previous one's adapter."""
 
@@ -76,6 +86,7 @@ class Stage(Strict):
     lr: Schedule
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay of weight matrices (never biases or norms)")
     init_from: str | None = Field("previous", description="'previous' stage's adapter, an adapter path, or null")
+    eval: StageEval | None = Field(None, description="validation loss on held-out records during the stage")
 
     @property
     def caption_stage(self) -> bool:
@@ -272,6 +283,9 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         for j, source in enumerate(stage.data):
             source.manifest = resolve(source.manifest, "stages", i, "data", j, "manifest")
             source.image_root = resolve(source.image_root, "stages", i, "data", j, "image_root")
+        for j, source in enumerate(stage.eval.data if stage.eval else ()):
+            source.manifest = resolve(source.manifest, "stages", i, "eval", "data", j, "manifest")
+            source.image_root = resolve(source.image_root, "stages", i, "eval", "data", j, "image_root")
         if stage.init_from not in (None, "previous"):
             stage.init_from = str(resolve(Path(stage.init_from), "stages", i, "init_from"))
     return recipe

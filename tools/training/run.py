@@ -61,10 +61,9 @@ class StageData:
         return self.order.steps_per_epoch
 
 
-def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False) -> StageData:
-    """Build (one process per node, or rank 0 alone when the folder is shared) or reuse the stage's render cache,
-    then open it on every rank."""
-    settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
+def built_cache(run: Run, settings, show_progress: bool) -> RenderCache:
+    """Build (one process per node, or rank 0 alone when the folder is shared) or reuse a render cache, then open it
+    on every rank."""
     root = cache_root(run.recipe)
 
     def build() -> str:
@@ -84,7 +83,34 @@ def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False
         run.ranks.fail_together(problem, "the render cache could not be built on another node")
         name = run.ranks.decide(lambda: built)  # rank 0's (every node built the same key): not computed again
     run.ranks.barrier()
-    cache = RenderCache(root / name)
+    return RenderCache(root / name)
+
+
+@dataclass
+class ValidationData:
+    """A stage's held-out samples (their own render cache) and the store rows they point at."""
+
+    cache: RenderCache
+    rows: ShardRows
+    pad_id: int
+
+
+def validation_data(run: Run, stage: Stage, pad_id: int, show_progress: bool) -> ValidationData | None:
+    """The render cache of the stage's `eval.data`, rendered exactly as its training data; None without `eval`."""
+    if stage.eval is None:
+        return None
+    held_out = stage.model_copy(update={"data": stage.eval.data})
+    cache = built_cache(run, settings_for(run.recipe, run.spec, held_out, run.row_shape[1]), show_progress)
+    if len(cache) == 0:
+        raise SharedError(f"stage {stage.name}: no usable validation sample in eval.data; rejected: "
+                          f"{cache.meta['rejects_by_reason']}")
+    return ValidationData(cache, ShardRows(run.recipe.features, cache.meta["store_shards"], run.row_shape), pad_id)
+
+
+def stage_data(run: Run, stage: Stage, show_progress: bool, resume: bool = False) -> StageData:
+    """The stage's render cache (built or reused), its data order and store rows, on every rank."""
+    settings = settings_for(run.recipe, run.spec, stage, run.row_shape[1])
+    cache = built_cache(run, settings, show_progress)
     stage_dir = run.recipe.runtime.output_dir / stage.name
     if run.main and not (resume and (stage_dir / REJECTS).is_file()):
         # A resumed stage keeps its log: the cache's rejects are in it already, and so are the samples found

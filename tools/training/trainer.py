@@ -34,7 +34,7 @@ from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import get_backbone
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
 from align.errors import SharedError
-from align.files import WriteError, open_own, write_atomic
+from align.files import WriteError, open_own, read_json_object, write_atomic
 from align.templates import IGNORE_INDEX
 from align.words import counted
 from align.tools.feature_store import FeatureStore
@@ -42,7 +42,7 @@ from align.tools.runtime import Ranks, local_device, progress_columns, start_ran
 from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_torch_linear
 from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe, trim_metrics
 from align.tools.training.recipe import Recipe, Stage, load_recipe
-from align.tools.training.run import Run, StageData, stage_data
+from align.tools.training.run import Run, StageData, ValidationData, stage_data, validation_data
 from align.tools.training.train_state import Stats, diverged, projector_state, restore, save_checkpoint
 from align.tools.training.training_data import collate
 
@@ -272,8 +272,47 @@ def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
     return totals, own_norm
 
 
+BEST_DIR, BEST_JSON = "best", "best.json"  # STAGE/best/adapter and the step and loss it was kept at
+
+
+def validation_loss(run: Run, stage: Stage, held_out: ValidationData) -> float:
+    """The loss per supervised token over every held-out sample (plain image view), computed without gradients and
+    shared over ranks; every rank runs as many forward passes (ZeRO-3 gathers weights in each)."""
+    samples = held_out.cache.samples(np.arange(len(held_out.cache)), 0)
+    samples.sort(key=lambda sample: len(sample.input_ids))
+    size = stage.micro_batch_size
+    micro = [samples[i:i + size] for i in range(0, len(samples), size)]
+    rounds = -(-len(micro) // run.ranks.world)
+    amp = autocast_dtype(run.recipe.runtime.precision)
+    loss, tokens = 0.0, 0
+    with torch.no_grad():
+        for k in range(rounds):
+            index = run.ranks.rank + k * run.ranks.world
+            batch = micro[index] if index < len(micro) else micro[0]  # an idle rank's pass is not counted
+            inputs = {key: v.to(run.device) for key, v in collate(batch, held_out.rows, 0, held_out.pad_id).items()}
+            with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
+                loss_sum, count = micro_batch_loss(run.model, inputs)
+            if index < len(micro):
+                loss, tokens = loss + float(loss_sum), tokens + int(count)
+    loss, tokens = run.ranks.sum([loss, tokens])
+    return loss / max(1, tokens)
+
+
+def keep_if_best(run: Run, stage: Stage, engine, step: int, value: float, template: str) -> None:
+    """With `eval.keep_best`, the adapter of the lowest validation loss so far in STAGE/best (rank 0 writes)."""
+    best_dir = run.recipe.runtime.output_dir / stage.name / BEST_DIR
+    record = run.ranks.decide(lambda: read_json_object(best_dir / BEST_JSON) if (best_dir / BEST_JSON).is_file()
+                              else None)
+    if record is not None and record.get("val_loss", math.inf) <= value:
+        return
+    state = projector_state(engine, run.recipe.runtime.zero_stage)  # every rank: ZeRO-3 gathers it
+    if run.main:
+        save_adapter(best_dir / ADAPTER_DIR, adapter_config(run, stage, step, template), state)
+        write_atomic(best_dir / BEST_JSON, json.dumps({"step": step, "val_loss": value}))
+
+
 def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start: int, total: int, stats: Stats,
-              show_progress: bool, metrics) -> None:
+              show_progress: bool, metrics, held_out: ValidationData | None = None) -> None:
     """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
     runtime = run.recipe.runtime
     checkpoints = runtime.output_dir / stage.name / CHECKPOINTS
@@ -309,6 +348,11 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 "padding_efficiency": totals.real_tokens / max(1, totals.padded_tokens),
                 "peak_memory_mb": peak_memory_mb(run.device),
             }
+            every = stage.eval.every if stage.eval else 0
+            if held_out is not None and (step + 1 == total or (every and (step + 1) % every == 0)):
+                record["eval"] = {"val_loss": validation_loss(run, stage, held_out)}
+                if stage.eval.keep_best:
+                    keep_if_best(run, stage, engine, step + 1, record["eval"]["val_loss"], data.template)
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -359,7 +403,8 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         metrics = files.enter_context(open_own(runtime.output_dir / METRICS)) if run.main else None
         if data.rejects is not None:
             files.callback(data.rejects.close)
-        run_steps(run, stage, data, engine, scheduler, start, total, stats, show_progress, metrics)
+        held_out = validation_data(run, stage, data.pad_id, show_progress)
+        run_steps(run, stage, data, engine, scheduler, start, total, stats, show_progress, metrics, held_out)
     finish_stage(run, stage, data, engine, total, stats, show_progress)
     return adapter_dir
 

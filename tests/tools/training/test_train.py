@@ -456,3 +456,33 @@ def test_validate_refuses_a_store_without_the_images_and_a_tokenizer_that_does_n
     broken = run_align(*args, "--set", f"backbone.model={model}")
     assert broken.returncode == 2 and "its tokenizer does not load from" in broken.stderr, broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.slow
+def test_a_stage_validates_on_held_out_records_and_keeps_its_best_adapter(workspace):
+    sets = workspace["sets"] + ["stages.chat.epochs=3", "stages.chat.eval={data: [{manifest: %s}], every: 2, "
+                                                            "keep_best: val_loss}" % workspace["manifest"]]
+    train(workspace["recipe"], overrides=sets, show_progress=False)
+    chat = [r for r in metrics(workspace["run"]) if r["stage"] == "chat"]
+    validated = [r["step"] for r in chat if "eval" in r]
+    last = chat[-1]["step"]
+    assert validated == sorted({s for s in range(2, last + 1, 2)} | {last})  # every 2 steps and at the end
+    assert len({r["step"] for r in chat}) == len(chat)  # each step once: the validation is part of its step's line
+    losses = {r["step"]: r["eval"]["val_loss"] for r in chat if "eval" in r}
+    best = json.loads((workspace["run"] / "chat" / "best" / "best.json").read_text())
+    assert best["val_loss"] == min(losses.values()) and losses[best["step"]] == best["val_loss"]
+    assert load_adapter(workspace["run"] / "chat" / "best" / "adapter")[0].step == best["step"]
+    caption = [r for r in metrics(workspace["run"]) if r["stage"] == "caption"]
+    assert not any("eval" in r for r in caption)  # a stage without eval: nothing
+
+
+@pytest.mark.slow
+def test_the_validation_loss_does_not_depend_on_the_micro_batch_size(workspace, tmp_path):
+    losses = []
+    for micro in (1, 2):
+        sets = workspace["sets"] + [f"runtime.output_dir={tmp_path / str(micro)}", "stages.caption.epochs=1",
+                                    f"stages.caption.micro_batch_size={micro}",
+                                    "stages.caption.eval={data: [{manifest: %s}]}" % workspace["manifest"]]
+        train(workspace["recipe"], overrides=sets, show_progress=False)
+        losses.append([r["eval"]["val_loss"] for r in metrics(tmp_path / str(micro)) if "eval" in r])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
