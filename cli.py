@@ -624,6 +624,8 @@ def _eval(benchmark, adapters, predictions, out, model, encoder, features, limit
     rows = run_eval(benchmark, adapters=adapters or [], predictions=predictions, out=out, model=model,
                     encoder=encoder, features=features, limit=limit, batch_size=batch_size, prompt=prompt,
                     options=options, device=device, progress=not as_json)
+    if not _first_rank():  # under torchrun every rank answered its share; rank 0 scored and says it once
+        return
     if as_json:
         _print_json(rows[0].scores if len(rows) == 1 else {row.name: row.scores for row in rows})
         return

@@ -31,7 +31,7 @@ from align.errors import AlignError
 from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
 from align.tools.evaluate.benchmarks import align_jsonl
-from align.tools.evaluate.evaluate import ANSWERS, evaluate_adapter
+from align.tools.evaluate.evaluate import evaluate_adapter
 from align.tools.features.extract import extract_features
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
@@ -176,7 +176,7 @@ def score(ws: Path, held_out: list[tuple[Path, Content]], quiet: bool) -> tuple[
         row = evaluate_adapter(benchmark, ws / "runs" / stage / ADAPTER_DIR, ws / "eval" / label, model=ws / "llm",
                                encoder=ws / "encoder", prompt=DESCRIBE, options=options, batch_size=len(held_out),
                                device="cpu", progress=not quiet)
-        answers = [json.loads(line)["answer"] for line in (ws / "eval" / label / ANSWERS).read_text().splitlines()]
+        answers = list(row.answers.values())
         right = [names_correctly(answer, content) for answer, (_, content) in zip(answers, held_out)]
         accuracy[label] = round(sum(right) / len(held_out), 4)
         cider[label] = round(row.scores["CIDEr"], 4)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import time
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from align.tools.generation import GenerationOptions
 from align.tools.images import read_image
 from align.tools.pipeline import Pipeline
 from align.tools.rejects import RejectLog
-from align.tools.runtime import progress_columns
+from align.tools.runtime import progress_columns, start_ranks
 
-ANSWERS, JOB, SCORES = "answers.jsonl", "job.json", "scores.json"
+JOB, SCORES = "job.json", "scores.json"
 SUBSAMPLE_SEED = 0
 
 
@@ -42,7 +43,7 @@ class EvalRow:
     folder: str | None = None
     seconds: float = 0.0
     questions_per_second: float = 0.0
-    meta: dict = field(default_factory=dict)
+    answers: dict = field(default_factory=dict, repr=False)  # question id → answer, in the benchmark's order
 
 
 def subsample(questions: list[Question], limit: int | None) -> list[Question]:
@@ -76,55 +77,73 @@ def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: P
     prompt = benchmark.prompt if prompt is None else prompt
     questions = subsample(benchmark.questions, limit)
     out = Path(out)
-    with FolderLock(out, "--out folder"):
+    ranks = start_ranks()
+    # The process group ends with the job; rank 0 holds the folder for all ranks and takes every file decision.
+    with closing(ranks), ExitStack() as held:
+        ranks.decide(lambda: _hold(held, out))
         pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device)
         job = {"benchmark": benchmark.kind, "questions": _digest([[q.id, str(q.image), q.text] for q in questions]),
                "adapter": pipeline.adapter.model_dump(mode="json"), "projector": pipeline.projector_digest(),
                "prompt": prompt, "options": asdict(options)}
-        _check_same_job(out, job)
+        done = set(ranks.decide(lambda: _continued(out, job)))
+        pending = [q for q in questions if _key(q.id) not in done]
         started = time.perf_counter()
-        answers, rejected, made = _answer(pipeline, questions, out, prompt, options, batch_size, features, progress)
+        rejected, made = _answer(pipeline, pending[ranks.rank::ranks.world], out / f"answers-r{ranks.rank}.jsonl",
+                                 out / f"rejects-r{ranks.rank}.jsonl", prompt, options, batch_size, features,
+                                 progress and ranks.main)
         seconds = time.perf_counter() - started
-    ordered = {q.id: answers[q.id] for q in questions if q.id in answers}
-    _write_results(benchmark, ordered, out)
-    scores = benchmark.score(ordered) if ordered else {}
-    write_atomic(out / SCORES, json.dumps(scores, indent=1, ensure_ascii=False))
+        rejected, made = ranks.sum([rejected, made])
+        ranks.barrier()  # every rank's answers are on disk
+        answers = _finished(out)
+    ordered = {q.id: answers[_key(q.id)] for q in questions if _key(q.id) in answers}
+    scores = {}
+    if ranks.main:
+        _write_results(benchmark, ordered, out)
+        scores = benchmark.score(ordered) if ordered else {}
+        write_atomic(out / SCORES, json.dumps(scores, indent=1, ensure_ascii=False))
     return EvalRow(str(adapter), scores, len(ordered), rejected, str(out), round(seconds, 2),
-                   round(made / seconds, 2) if seconds and made else 0.0)
+                   round(made / seconds, 2) if seconds and made else 0.0, answers=ordered)
 
 
-def _answer(pipeline: Pipeline, questions: list[Question], out: Path, prompt: str, options: GenerationOptions,
-            batch_size: int, features: Path | None, progress: bool) -> tuple[dict, int, int]:
-    answers = _finished(out / ANSWERS)
-    pending = [q for q in questions if _key(q.id) not in answers]
-    rejects = RejectLog(out / "rejects.jsonl")
+def _hold(held: ExitStack, out: Path) -> None:
+    """Rank 0 locks the output folder for the whole job."""
+    held.enter_context(FolderLock(out, "--out folder"))
+
+
+def _continued(out: Path, job: dict) -> list[str]:
+    """The ids already answered in `out` by this same job (another job's answers there are refused)."""
+    _check_same_job(out, job)
+    return sorted(_finished(out))
+
+
+def _answer(pipeline: Pipeline, pending: list[Question], answers_file: Path, rejects_file: Path, prompt: str,
+            options: GenerationOptions, batch_size: int, features: Path | None, progress: bool) -> tuple[int, int]:
+    """Answer this rank's share of the pending questions, appending each batch's answers; (rejected, answered)."""
+    rejects = RejectLog(rejects_file)
     store = FeatureStore.open(features) if features is not None else None
     made = 0
     columns = progress_columns("[bold]eval[/bold]", unit="questions")
-    with open_own(out / ANSWERS) as file, Progress(*columns, disable=not progress) as bar:
+    with open_own(answers_file) as file, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("eval", total=len(pending))
         for start in range(0, len(pending), batch_size):
             batch, images = [], []
             for question in pending[start:start + batch_size]:
                 try:
-                    images.append(_features(pipeline, store, question))
+                    image = _features(pipeline, store, question)
                     text = f"{question.text}\n{prompt}" if question.text and prompt else question.text or prompt
-                    rendered = pipeline.prompt([(text, None)], True, options.max_new_tokens)
+                    batch.append((question, pipeline.prompt([(text, None)], True, options.max_new_tokens)))
+                    images.append(image)
                 except AlignError as exc:
                     rejects.add(f"question {question.id}", str(exc))
-                    images = images[:len(batch)]
-                    continue
-                batch.append((question, rendered))
             if batch:
                 replies = pipeline.generate_batch([r for _, r in batch], torch.cat(images), options)
                 for (question, _), reply in zip(batch, replies):
-                    answers[_key(question.id)] = reply.strip()
                     file.write(json.dumps({"id": question.id, "answer": reply.strip()}, ensure_ascii=False) + "\n")
                 file.flush()  # a finished batch survives a kill
                 made += len(batch)
             bar.update(task, advance=len(pending[start:start + batch_size]))
     rejects.close()
-    return {q.id: answers[_key(q.id)] for q in questions if _key(q.id) in answers}, rejects.total, made
+    return rejects.total, made
 
 
 def _features(pipeline: Pipeline, store: FeatureStore | None, question: Question) -> torch.Tensor:
@@ -144,10 +163,10 @@ def _key(question_id) -> str:
     return json.dumps(question_id)
 
 
-def _finished(path: Path) -> dict:
-    """The answers a previous run appended (a line torn by a kill is asked again)."""
+def _finished(out: Path) -> dict:
+    """The answers earlier runs appended, from every rank's file (a line torn by a kill is asked again)."""
     done = {}
-    if path.is_file():
+    for path in sorted(out.glob("answers-r*.jsonl")):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
@@ -160,7 +179,7 @@ def _finished(path: Path) -> dict:
 def _check_same_job(out: Path, job: dict) -> None:
     """Continue answers only with the job that made them; record the job beside new ones."""
     recorded = out / JOB
-    if (out / ANSWERS).is_file() and (out / ANSWERS).stat().st_size and recorded.is_file():
+    if _finished(out) and recorded.is_file():
         before = read_json_object(recorded)
         changed = sorted(k for k in job.keys() | before.keys() if job.get(k) != before.get(k))
         if changed:

@@ -34,7 +34,7 @@ def run(home, adapter, tiny_blip2, questions, out, **options):
 
 
 def answers(folder):
-    return [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+    return json.loads((folder / "results.json").read_text())
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_batched_answers_equal_one_by_one_and_a_killed_run_continues_to_them(hom
     monkeypatch.setattr(Pipeline, "generate_batch", killed_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run(home, adapter, tiny_blip2, questions, tmp_path / "cut", batch_size=4)
-    assert len(answers(tmp_path / "cut")) == 8
+    assert len((tmp_path / "cut" / "answers-r0.jsonl").read_text().splitlines()) == 8
     monkeypatch.setattr(Pipeline, "generate_batch", real)
     resumed = run(home, adapter, tiny_blip2, questions, tmp_path / "cut", batch_size=4)
     assert answers(tmp_path / "cut") == answers(tmp_path / "one") and resumed.scores == one.scores
@@ -104,3 +104,23 @@ def test_cli_scores_predictions_as_one_json_object_and_refuses_what_is_missing(h
     missing = subprocess.run([sys.executable, "-m", "align", "eval", "coco-caption", "--references",
                               tmp_path / "refs.json", "--images", images], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: give --adapter")
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_answer_as_one(home, adapter, tiny_blip2, questions, tmp_path):
+    import os
+    import shutil
+
+    from align.tools.runtime import free_port
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    one = run(home, adapter, tiny_blip2, questions, tmp_path / "one", batch_size=3)
+    args = ["eval", "jsonl", "--data", questions, "--adapter", adapter, "--encoder", tiny_blip2[1], "--out",
+            tmp_path / "two", "--batch-size", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_HOME": str(home["home"])}
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "align",
+                          *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert answers(tmp_path / "two") == answers(tmp_path / "one")  # merged in the benchmark's order
+    assert len(list((tmp_path / "two").glob("answers-r*.jsonl"))) == 2
+    assert json.loads(two.stdout) == one.scores  # printed once, by rank 0
