@@ -132,6 +132,8 @@ class Runtime(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept per stage (older ones are deleted)")
     render_cache: Path | None = Field(None, description="folder of render caches (default: <output_dir>/render-cache)")
     render_workers: int | None = Field(None, ge=1, description="processes that build a render cache (default: cores)")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="also write step metrics as TensorBoard events in <output_dir>/tensorboard")
     output_dir: Path = Path("runs/align")
     gradient_clipping: float = Field(1.0, ge=0)
     trust_remote_code: bool = False

@@ -34,12 +34,13 @@ from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import get_backbone
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
 from align.errors import SharedError
-from align.files import WriteError, open_own, read_json_object, write_atomic
+from align.files import WriteError, read_json_object, write_atomic
 from align.templates import IGNORE_INDEX
 from align.words import counted
 from align.tools.feature_store import FeatureStore
 from align.tools.runtime import Ranks, local_device, progress_columns, start_ranks
 from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_torch_linear
+from align.tools.training.metrics_log import MetricsLog, check_reporters
 from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe, trim_metrics
 from align.tools.training.recipe import Recipe, Stage, load_recipe
 from align.tools.training.run import Run, StageData, ValidationData, stage_data, validation_data
@@ -312,13 +313,14 @@ def keep_if_best(run: Run, stage: Stage, engine, step: int, value: float, templa
 
 
 def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start: int, total: int, stats: Stats,
-              show_progress: bool, metrics, held_out: ValidationData | None = None) -> None:
+              show_progress: bool, metrics: MetricsLog | None, held_out: ValidationData | None = None) -> None:
     """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
     runtime = run.recipe.runtime
     checkpoints = runtime.output_dir / stage.name / CHECKPOINTS
-    columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}", unit="steps")
+    columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}",
+                               "{task.fields[samples]} samples/s", unit="steps")
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
-        task = bar.add_task(stage.name, total=total, completed=start, loss="-")
+        task = bar.add_task(stage.name, total=total, completed=start, loss="-", samples="-")
         for step in range(start, total):
             epoch = step // data.steps_per_epoch
             started = time.perf_counter()
@@ -354,9 +356,8 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 if stage.eval.keep_best:
                     keep_if_best(run, stage, engine, step + 1, record["eval"]["val_loss"], data.template)
             if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.update(task, advance=1, loss=f"{loss:.4f}")
+                metrics.write(record)
+            bar.update(task, advance=1, loss=f"{loss:.4f}", samples=f"{record['samples_per_second']:.3g}")
             if totals.stop:
                 # Ctrl-C (on any rank) finishes the running step, so the checkpoint sits on a step boundary.
                 save_checkpoint(run, engine, scheduler, checkpoints, step + 1, stats)
@@ -400,7 +401,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         print(f"resuming stage {stage.name} at step {start} of {total}" if start else
               f"starting stage {stage.name}: no checkpoint to resume from", flush=True)
     with ExitStack() as files:
-        metrics = files.enter_context(open_own(runtime.output_dir / METRICS)) if run.main else None
+        metrics = files.enter_context(MetricsLog(runtime.output_dir, runtime.report_to)) if run.main else None
         if data.rejects is not None:
             files.callback(data.rejects.close)
         held_out = validation_data(run, stage, data.pad_id, show_progress)
@@ -502,6 +503,7 @@ def train(recipe_path: Path | None, output: Path | None = None, resume: bool = F
 
 
 def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
+    check_reporters(recipe.runtime.report_to)
     for stage in recipe.stages:  # before anything loads or trains: a later stage must not fail after hours
         if problem := stage.split_problem(ranks.world):
             raise SharedError(problem)

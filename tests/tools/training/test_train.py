@@ -486,3 +486,16 @@ def test_the_validation_loss_does_not_depend_on_the_micro_batch_size(workspace, 
         train(workspace["recipe"], overrides=sets, show_progress=False)
         losses.append([r["eval"]["val_loss"] for r in metrics(tmp_path / str(micro)) if "eval" in r])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_the_steps_as_events(workspace):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(workspace["recipe"], overrides=workspace["sets"] + ["runtime.report_to=[tensorboard]"], show_progress=False)
+    events = EventAccumulator(str(workspace["run"] / "tensorboard"))
+    events.Reload()
+    logged = [r["loss"] for r in metrics(workspace["run"]) if r["stage"] == "caption"]
+    drawn = [e.value for e in events.Scalars("caption/loss")]
+    assert drawn == pytest.approx(logged, rel=1e-6) and "chat/lr" in events.Tags()["scalars"]
