@@ -719,6 +719,23 @@ def eval_mmbench(
           device, as_json)
 
 
+@eval_app.command("scienceqa")
+def eval_scienceqa(
+    problems: Annotated[Path, typer.Option(help="ScienceQA's problems.json.")],
+    images: Annotated[Path, typer.Option(help="ScienceQA's images folder (images/<split>/<id>/image.png).")],
+    split: Annotated[str, typer.Option(help="Split to ask (its questions with an image).")] = "test",
+    adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
+    model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
+    batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """ScienceQA-IMG multiple choice: the option letter read from each answer, accuracy per subject."""
+    from align.tools.evaluate.benchmarks import scienceqa
+
+    _eval(scienceqa(problems, images, split), adapter, predictions, out, model, encoder, features, limit, batch_size,
+          prompt, max_new_tokens, device, as_json)
+
+
 @eval_app.command("jsonl")
 def eval_jsonl(
     data: Annotated[Path, typer.Option(help='align JSON lines: {"image", "question", "answers"} or {"image", "captions"}.')],

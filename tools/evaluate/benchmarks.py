@@ -248,9 +248,40 @@ def mmbench(tsv: Path) -> Benchmark:
     return Benchmark("mmbench", asked, LETTER, 8, "mmbench_results.json", ("index", "prediction"), score)
 
 
+def scienceqa(problems: Path, images: Path, split: str = "test") -> Benchmark:
+    """ScienceQA-IMG: the official `problems.json` (pid → question, choices, answer index, hint, image, split,
+    subject) and `images/<split>/<pid>/image.png`; the questions of `split` with an image, asked as LLaVA asks them
+    (context, question, lettered choices); results `[{"question_id", "prediction"}]`; accuracy per subject."""
+    data = _json(problems)
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{problems} is not ScienceQA's problems.json (an object of problems by id)")
+    asked, truth = [], {}
+    for pid, problem in data.items():
+        choices = problem.get("choices") if isinstance(problem, dict) else None
+        if (not isinstance(choices, list) or problem.get("split") != split or not problem.get("image")
+                or not isinstance(problem.get("answer"), int) or not 0 <= problem["answer"] < len(choices) <= 26):
+            continue
+        options = {chr(65 + i): str(c) for i, c in enumerate(choices)}
+        hint = str(problem.get("hint") or "").strip()
+        text = "\n".join(([f"Context: {hint}"] if hint else []) + [str(problem.get("question", ""))]
+                         + [f"{k}. {v}" for k, v in options.items()])
+        asked.append(Question(pid, Path(images) / split / pid / str(problem["image"]), text))
+        truth[pid] = (str(problem.get("subject", "")), chr(65 + problem["answer"]), options)
+
+    def score(answers: dict) -> dict:
+        return choice_scores([(*truth[q][:1], truth[q][1], truth[q][2], a) for q, a in answers.items() if q in truth])
+
+    return Benchmark("scienceqa", asked, LETTER, 8, "scienceqa_results.json", ("question_id", "prediction"), score)
+
+
+# Full-width punctuation VQA's (ASCII) rules leave alone: removed before comparing answers in align's own JSONL.
+CJK_PUNCTUATION = str.maketrans({c: " " for c in "。，、！？；：“”‘’（）《》【】…"})
+
+
 def align_jsonl(data: Path, images: Path | None) -> Benchmark:
     """align's own JSON lines, Chinese included: `{"image", "question", "answers": [...]}` (scored by whether the
-    answer, normalised as VQA normalises, is one of the answers; and exact match) or `{"image", "captions": [...]}`
+    answer, normalised as VQA normalises and without full-width punctuation, is one of the answers; and exact
+    match) or `{"image", "captions": [...]}`
     (caption metrics); results `[{"id", "answer"}]`, ids being line numbers."""
     records = _jsonl(data)
     root = Path(images) if images else Path(data).parent
@@ -272,10 +303,10 @@ def align_jsonl(data: Path, images: Path | None) -> Benchmark:
         ids = [i for i in answers if i in truth]
 
         def norm(text):
-            return process_digit_article(process_punctuation(text.strip()))
+            return process_digit_article(process_punctuation(text.translate(CJK_PUNCTUATION).strip()))
 
         hits = [norm(answers[i]) in {norm(a) for a in truth[i]} for i in ids]
-        exact = [max(exact_match(answers[i], a) for a in truth[i]) for i in ids]
+        exact = [max(exact_match(answers[i].translate(CJK_PUNCTUATION), a) for a in truth[i]) for i in ids]
         return {"accuracy": round(100 * sum(hits) / len(ids), 2) if ids else 0.0,
                 "exact_match": round(100 * sum(exact) / len(ids), 2) if ids else 0.0, "questions": len(ids)}
 
