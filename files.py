@@ -172,6 +172,18 @@ def read_json_object(path: Path, error: type[AlignError] = AlignError, max_bytes
     return data
 
 
+def record_job(recorded: Path, job: dict, continuing: bool, holder: str) -> None:
+    """Record what decides a job's output in `recorded`; a job continuing an output another job made is refused,
+    naming the settings that differ (`holder` says whose output: "--out P holds predictions")."""
+    if continuing and Path(recorded).is_file():
+        before = read_json_object(recorded)
+        changed = sorted(k for k in job.keys() | before.keys() if job.get(k) != before.get(k))
+        if changed:
+            raise AlignError(f"{holder} of another job ({', '.join(changed)} differ); give a new --out, or delete "
+                             "it to start over")
+    write_atomic(recorded, json.dumps(job, indent=1, sort_keys=True))
+
+
 # The names of the folders a replacement makes beside its target: distinctive, so that align removes only what it
 # made itself, never a user's `.adapter.old` or `.adapter.backup`.
 STAGING_INFIX, REPLACED_SUFFIX = ".align-staging-", ".align-replaced"

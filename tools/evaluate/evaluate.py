@@ -19,7 +19,7 @@ import torch
 from rich.progress import Progress
 
 from align.errors import AlignError
-from align.files import FolderLock, open_own, read_json_object, write_atomic
+from align.files import FolderLock, open_own, record_job, write_atomic
 from align.tools.evaluate.benchmarks import Benchmark, Question, read_image_input
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
@@ -112,8 +112,9 @@ def _hold(held: ExitStack, out: Path) -> None:
 
 def _continued(out: Path, job: dict) -> list[str]:
     """The ids already answered in `out` by this same job (another job's answers there are refused)."""
-    _check_same_job(out, job)
-    return sorted(_finished(out))
+    done = _finished(out)
+    record_job(out / JOB, job, bool(done), f"{out} holds answers")
+    return sorted(done)
 
 
 def _answer(pipeline: Pipeline, pending: list[Question], answers_file: Path, rejects_file: Path, prompt: str,
@@ -174,18 +175,6 @@ def _finished(out: Path) -> dict:
             except (ValueError, KeyError, TypeError):
                 continue
     return done
-
-
-def _check_same_job(out: Path, job: dict) -> None:
-    """Continue answers only with the job that made them; record the job beside new ones."""
-    recorded = out / JOB
-    if _finished(out) and recorded.is_file():
-        before = read_json_object(recorded)
-        changed = sorted(k for k in job.keys() | before.keys() if job.get(k) != before.get(k))
-        if changed:
-            raise AlignError(f"{out} holds answers of another evaluation ({', '.join(changed)} differ); give another "
-                             "--out, or delete it to start over")
-    write_atomic(recorded, json.dumps(job, indent=1, sort_keys=True))
 
 
 def _write_results(benchmark: Benchmark, answers: dict, out: Path) -> None:

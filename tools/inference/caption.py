@@ -10,7 +10,7 @@ from rich.progress import Progress
 
 from align.constants import DEFAULT_QUESTION
 from align.errors import AlignError
-from align.files import open_own, read_json_object, write_atomic
+from align.files import open_own, record_job, write_atomic
 from align.templates import conversation_from_record
 from align.tools.generation import GenerationOptions
 from align.tools.manifest import ManifestRecord, image_refs, read_manifest, resolve_image
@@ -92,7 +92,8 @@ def caption_manifest(
     except Timeout:
         raise AlignError(f"--out {out} is being written by another align caption; wait for it or give another --out") from None
     try:
-        check_same_job(out, caption_job(pipeline, manifest, prompt, options, image_root))
+        record_job(out.with_name(f"{out.name}.job.json"), caption_job(pipeline, manifest, prompt, options, image_root),
+                   out.is_file() and out.stat().st_size > 0, f"--out {out} holds predictions")
         return _caption(pipeline, manifest, out, prompt, options, batch_size, image_root, progress, started)
     finally:
         lock.release()
@@ -105,18 +106,6 @@ def caption_job(pipeline: Pipeline, manifest: Path, prompt: str, options: Genera
     return {"manifest": str(Path(manifest).resolve()), "adapter": pipeline.adapter.model_dump(mode="json"),
             "projector": pipeline.projector_digest(), "prompt": prompt, "options": asdict(options),
             "image_root": str(image_root.resolve()) if image_root else None}
-
-
-def check_same_job(out: Path, job: dict) -> None:
-    """Continue a predictions file only with the job that wrote it; record the job beside a new one."""
-    recorded = out.with_name(f"{out.name}.job.json")
-    if out.is_file() and out.stat().st_size and recorded.is_file():
-        before = read_json_object(recorded)
-        changed = sorted(k for k in job.keys() | before.keys() if job.get(k) != before.get(k))
-        if changed:
-            raise AlignError(f"--out {out} holds predictions of another job ({', '.join(changed)} differ); give a "
-                             "new --out, or delete it to start over")
-    write_atomic(recorded, json.dumps(job, indent=1, sort_keys=True))
 
 
 def _caption(pipeline: Pipeline, manifest: Path, out: Path, prompt: str, options: GenerationOptions, batch_size: int,

@@ -62,7 +62,7 @@ def test_batched_answers_equal_one_by_one_and_a_killed_run_continues_to_them(hom
     monkeypatch.setattr(Pipeline, "generate_batch", real)
     resumed = run(home, adapter, tiny_blip2, questions, tmp_path / "cut", batch_size=4)
     assert answers(tmp_path / "cut") == answers(tmp_path / "one") and resumed.scores == one.scores
-    with pytest.raises(AlignError, match="holds answers of another evaluation \\(prompt differ"):
+    with pytest.raises(AlignError, match="holds answers of another job \\(prompt differ"):
         run(home, adapter, tiny_blip2, questions, tmp_path / "cut", prompt="Say something.")
 
 
