@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from align.tools.generation import GenerationOptions
 from align.tools.images import read_image
 from align.tools.pipeline import Pipeline
 from align.tools.rejects import RejectLog
-from align.tools.runtime import progress_columns, start_ranks
+from align.tools.runtime import Ranks, progress_columns, start_ranks
 
 JOB, SCORES = "job.json", "scores.json"
 SUBSAMPLE_SEED = 0
@@ -47,7 +47,7 @@ class EvalRow:
 
 
 def subsample(questions: list[Question], limit: int | None) -> list[Question]:
-    """The first benchmark's questions, or a fixed seeded sample of `limit` of them in their own order."""
+    """The benchmark's questions, or a fixed seeded sample of `limit` of them in their own order."""
     if not limit or limit >= len(questions):
         return list(questions)
     picked = sorted(random.Random(SUBSAMPLE_SEED).sample(range(len(questions)), limit))
@@ -67,8 +67,9 @@ def score_predictions(benchmark: Benchmark, predictions: Path, limit: int | None
 def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: Path | None = None,
                      encoder: Path | None = None, features: Path | None = None, limit: int | None = None,
                      batch_size: int = 8, prompt: str | None = None, options: GenerationOptions | None = None,
-                     device: str | None = None, progress: bool = True) -> EvalRow:
-    """Generate the adapter's answers (continuing a killed run), write them in the results format and score them."""
+                     device: str | None = None, progress: bool = True, ranks: Ranks | None = None) -> EvalRow:
+    """Generate the adapter's answers (continuing a killed run), write them in the results format and score them;
+    under a launcher each rank answers its share (`ranks`: the job's, else started and ended here)."""
     if batch_size < 1:
         raise AlignError(f"batch size must be at least 1, not {batch_size}")
     if encoder is None and features is None:
@@ -77,9 +78,10 @@ def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: P
     prompt = benchmark.prompt if prompt is None else prompt
     questions = subsample(benchmark.questions, limit)
     out = Path(out)
-    ranks = start_ranks()
-    # The process group ends with the job; rank 0 holds the folder for all ranks and takes every file decision.
-    with closing(ranks), ExitStack() as held:
+    own = ranks is None
+    ranks = ranks or start_ranks()
+    # Rank 0 holds the folder for all ranks and takes every file decision; a process group started here ends here.
+    with closing(ranks) if own else nullcontext(), ExitStack() as held:
         ranks.decide(lambda: _hold(held, out))
         pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device)
         job = {"benchmark": benchmark.kind, "questions": _digest([[q.id, str(q.image), q.text] for q in questions]),
@@ -94,13 +96,14 @@ def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: P
         seconds = time.perf_counter() - started
         rejected, made = ranks.sum([rejected, made])
         ranks.barrier()  # every rank's answers are on disk
+        if not ranks.main:  # rank 0 merges, writes and scores, still holding the folder
+            return EvalRow(str(adapter), {}, 0, rejected, str(out), round(seconds, 2))
         answers = _finished(out)
-    ordered = {q.id: answers[_key(q.id)] for q in questions if _key(q.id) in answers}
-    scores = {}
-    if ranks.main:
-        _write_results(benchmark, ordered, out)
+        ordered = {q.id: answers[_key(q.id)] for q in questions if _key(q.id) in answers}
         scores = benchmark.score(ordered) if ordered else {}
-        write_atomic(out / SCORES, json.dumps(scores, indent=1, ensure_ascii=False))
+        if ordered:
+            _write_results(benchmark, ordered, out)
+            write_atomic(out / SCORES, json.dumps(scores, indent=1, ensure_ascii=False))
     return EvalRow(str(adapter), scores, len(ordered), rejected, str(out), round(seconds, 2),
                    round(made / seconds, 2) if seconds and made else 0.0, answers=ordered)
 
@@ -202,8 +205,11 @@ def run_eval(benchmark: Benchmark, *, adapters: list[Path], predictions: Path | 
     if out is None:
         raise AlignError("--out DIR is needed: the answers, the results file and the scores are written there")
     rows = []
-    for n, adapter in enumerate(adapters):
-        folder = Path(out) / (f"{n}-{Path(adapter).parent.name}-{Path(adapter).name}" if len(adapters) > 1 else "")
-        rows.append(evaluate_adapter(benchmark, Path(adapter), folder, **options))
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    ranks = start_ranks()  # one process group for every adapter of the job
+    with closing(ranks):
+        for n, adapter in enumerate(adapters):
+            folder = Path(out) / (f"{n}-{Path(adapter).parent.name}-{Path(adapter).name}" if len(adapters) > 1 else "")
+            rows.append(evaluate_adapter(benchmark, Path(adapter), folder, ranks=ranks, **options))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next adapter's LLM loads into the memory this one held
     return rows
