@@ -438,11 +438,12 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Start over in an output folder that holds a run (its stages are deleted).")] = False,
 ) -> None:
     """Train the projector through every stage of a recipe (under torchrun, the deepspeed launcher or alone)."""
+    from align.tools.evaluate.evaluate import evaluate_during_training
     from align.tools.training.trainer import train as run
 
     try:
         adapters = run(recipe, output, resume, set_ or [], allow_recipe_change=allow_recipe_change,
-                       last_in_process=True, overwrite=overwrite).adapters
+                       last_in_process=True, overwrite=overwrite, evaluator=evaluate_during_training).adapters
     except KeyboardInterrupt:
         raise AlignError("interrupted: a checkpoint was saved; run again with --resume to continue") from None
     for adapter in adapters if _first_rank() else ():
@@ -661,7 +662,7 @@ def eval_vqa(
     questions: Annotated[Path, typer.Option(help='VQA questions file: {"questions": [...]}.')],
     images: EvalImages,
     annotations: Annotated[Optional[Path], typer.Option(help="VQA annotations (ten answers a question); without them only the results file is written.")] = None,
-    image_pattern: Annotated[str, typer.Option(help="Image file name of a question's image_id.")] = "COCO_val2014_{image_id:012d}.jpg",
+    image_pattern: Annotated[str, typer.Option(help="Image file name of a question's image_id (default: COCO val2014's).")] = "COCO_val2014_{image_id:012d}.jpg",
     adapter: EvalAdapters = None, predictions: EvalPredictions = None, out: EvalOut = None,
     model: ModelOpt = None, encoder: EncoderOpt = None, features: EvalFeatures = None, limit: EvalLimit = None,
     batch_size: EvalBatch = 8, prompt: EvalPrompt = None, max_new_tokens: EvalMaxNew = None, device: DeviceOpt = None,

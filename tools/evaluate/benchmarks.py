@@ -21,6 +21,7 @@ from align.tools.evaluate.yes_no import MME_COGNITION, MME_PERCEPTION, mme_score
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 CAPTION = "Provide a one-sentence caption for the provided image."
+DEFAULT_IMAGE_PATTERN = "COCO_val2014_{image_id:012d}.jpg"  # VQAv2 / OK-VQA on COCO val2014
 
 
 class BenchmarkError(AlignError):

@@ -20,7 +20,8 @@ from rich.progress import Progress
 
 from align.errors import AlignError
 from align.files import FolderLock, open_own, record_job, write_atomic
-from align.tools.evaluate.benchmarks import Benchmark, Question, read_image_input
+from align.tools.evaluate.benchmarks import DEFAULT_IMAGE_PATTERN, Benchmark, Question, align_jsonl, coco_caption, \
+    mmbench, mme, pope, read_image_input, scienceqa, vqa
 from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
 from align.tools.images import read_image
@@ -65,25 +66,34 @@ def score_predictions(benchmark: Benchmark, predictions: Path, limit: int | None
 
 
 def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: Path | None = None,
-                     encoder: Path | None = None, features: Path | None = None, limit: int | None = None,
-                     batch_size: int = 8, prompt: str | None = None, options: GenerationOptions | None = None,
-                     device: str | None = None, progress: bool = True, ranks: Ranks | None = None) -> EvalRow:
-    """Generate the adapter's answers (continuing a killed run), write them in the results format and score them;
-    under a launcher each rank answers its share (`ranks`: the job's, else started and ended here)."""
-    if batch_size < 1:
-        raise AlignError(f"batch size must be at least 1, not {batch_size}")
+                     encoder: Path | None = None, features: Path | None = None, device: str | None = None,
+                     ranks: Ranks | None = None, **options) -> EvalRow:
+    """Load an adapter and evaluate it (`evaluate_pipeline`); under a launcher each rank answers its share (`ranks`:
+    the job's, else started and ended here)."""
     if encoder is None and features is None:
         raise AlignError("give --encoder to encode the benchmark's images, or --features STORE where they are stored")
+    own = ranks is None
+    ranks = ranks or start_ranks()
+    with closing(ranks) if own else nullcontext():  # a process group started here ends here
+        pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device)
+        row = evaluate_pipeline(benchmark, pipeline, Path(out), ranks=ranks, features=features, **options)
+    row.name = str(adapter)
+    return row
+
+
+def evaluate_pipeline(benchmark: Benchmark, pipeline: Pipeline, out: Path, *, ranks: Ranks,
+                      features: Path | None = None, limit: int | None = None, batch_size: int = 8,
+                      prompt: str | None = None, options: GenerationOptions | None = None,
+                      progress: bool = True) -> EvalRow:
+    """Generate the pipeline's answers (continuing a killed run), write them in the results format and score them
+    (rank 0; the other ranks answer their share and get empty scores)."""
+    if batch_size < 1:
+        raise AlignError(f"batch size must be at least 1, not {batch_size}")
     options = options or GenerationOptions(max_new_tokens=benchmark.max_new_tokens, temperature=0.0)
     prompt = benchmark.prompt if prompt is None else prompt
     questions = subsample(benchmark.questions, limit)
-    out = Path(out)
-    own = ranks is None
-    ranks = ranks or start_ranks()
-    # Rank 0 holds the folder for all ranks and takes every file decision; a process group started here ends here.
-    with closing(ranks) if own else nullcontext(), ExitStack() as held:
+    with ExitStack() as held:  # rank 0 holds the folder for all ranks and takes every file decision
         ranks.decide(lambda: _hold(held, out))
-        pipeline = Pipeline.load(adapter, model=model, encoder=encoder, store=features, device=device)
         job = {"benchmark": benchmark.kind, "questions": _digest([[q.id, str(q.image), q.text] for q in questions]),
                "adapter": pipeline.adapter.model_dump(mode="json"), "projector": pipeline.projector_digest(),
                "prompt": prompt, "options": asdict(options)}
@@ -97,14 +107,14 @@ def evaluate_adapter(benchmark: Benchmark, adapter: Path, out: Path, *, model: P
         rejected, made = ranks.sum([rejected, made])
         ranks.barrier()  # every rank's answers are on disk
         if not ranks.main:  # rank 0 merges, writes and scores, still holding the folder
-            return EvalRow(str(adapter), {}, 0, rejected, str(out), round(seconds, 2))
+            return EvalRow(benchmark.kind, {}, 0, rejected, str(out), round(seconds, 2))
         answers = _finished(out)
         ordered = {q.id: answers[_key(q.id)] for q in questions if _key(q.id) in answers}
         scores = benchmark.score(ordered) if ordered else {}
         if ordered:
             _write_results(benchmark, ordered, out)
             write_atomic(out / SCORES, json.dumps(scores, indent=1, ensure_ascii=False))
-    return EvalRow(str(adapter), scores, len(ordered), rejected, str(out), round(seconds, 2),
+    return EvalRow(benchmark.kind, scores, len(ordered), rejected, str(out), round(seconds, 2),
                    round(made / seconds, 2) if seconds and made else 0.0, answers=ordered)
 
 
@@ -191,6 +201,35 @@ def _write_results(benchmark: Benchmark, answers: dict, out: Path) -> None:
 
 def _digest(value) -> str:
     return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def read_benchmark(kind: str, files: dict) -> Benchmark:
+    """A benchmark of `kind` from its files named as align eval's options (a recipe's `eval.benchmark`)."""
+    readers = {
+        "coco-caption": lambda references, images: coco_caption(references, images),
+        "vqa": lambda questions, images, annotations=None, image_pattern=DEFAULT_IMAGE_PATTERN: vqa(
+            questions, annotations, images, str(image_pattern)),
+        "pope": lambda questions, images: pope(questions, images),
+        "mme": lambda root: mme(root),
+        "mmbench": lambda tsv: mmbench(tsv),
+        "scienceqa": lambda problems, images, split="test": scienceqa(problems, images, str(split)),
+        "jsonl": lambda data, images=None: align_jsonl(data, images),
+    }
+    try:
+        return readers[kind](**files)
+    except TypeError:
+        raise AlignError(f"benchmark {kind} takes files named as align eval {kind}'s options, not "
+                         f"{', '.join(sorted(files))}") from None
+
+
+def evaluate_during_training(kind: str, files: dict, limit: int | None, pipeline: Pipeline, out: Path, ranks: Ranks,
+                             features: Path) -> dict:
+    """The seam the trainer calls: a benchmark's scores for the projector as it is now, its images from the run's
+    store, as `{"<kind>/<metric>": value}` (top-level numbers; rank 0's, empty elsewhere)."""
+    row = evaluate_pipeline(read_benchmark(kind, files), pipeline, out, ranks=ranks, features=features, limit=limit,
+                            progress=False)
+    return {f"{kind}/{k}": v for k, v in row.scores.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("questions", "images")}
 
 
 def run_eval(benchmark: Benchmark, *, adapters: list[Path], predictions: Path | None, out: Path | None,

@@ -54,14 +54,40 @@ class Schedule(Strict):
     warmup_steps: int = Field(0, ge=0)
 
 
-class StageEval(Strict):
-    """Validation during a stage: the loss on held-out records (per supervised token, like the training loss), every
-    `every` steps and at the stage's end, logged in metrics.jsonl."""
+BENCHMARK_KINDS = ("coco-caption", "vqa", "pope", "mme", "mmbench", "scienceqa", "jsonl")
 
-    data: list[DataSource] = Field(min_length=1, description="held-out manifests (their images in the feature store)")
-    every: int = Field(0, ge=0, description="optimizer steps between validations (0: only at the stage's end)")
+
+class EvalBenchmark(Strict):
+    """A benchmark asked during a stage as `align eval` asks it (greedy, a fresh conversation per question), with the
+    projector as it is at that step; its images are read from the run's feature store."""
+
+    kind: Literal[BENCHMARK_KINDS]
+    files: dict[str, Path] = Field(description="its inputs by align eval's option names (questions, annotations, "
+                                   "images, references, root, tsv, problems, data)")
+    limit: int | None = Field(200, gt=0, description="a fixed, seeded subsample of this many questions")
+
+    def missing(self) -> list[Path]:
+        """Its files (and folders) that do not exist: found before training starts, not hours into it."""
+        return [path for name, path in self.files.items() if name != "image_pattern" and not path.exists()]
+
+
+class StageEval(Strict):
+    """Evaluation during a stage, every `every` steps and at its end, logged in that step's line of metrics.jsonl:
+    the loss on held-out records (per supervised token, like the training loss) and/or a benchmark's scores."""
+
+    data: list[DataSource] = Field(default_factory=list, description="held-out manifests (images in the store)")
+    benchmark: EvalBenchmark | None = None
+    every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the stage's end)")
     keep_best: Literal["val_loss"] | None = Field(
         None, description="also keep the adapter of the lowest validation loss, in STAGE/best/adapter")
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> "StageEval":
+        if not self.data and self.benchmark is None:
+            raise ValueError("eval needs data (held-out manifests), a benchmark, or both")
+        if self.keep_best and not self.data:
+            raise ValueError("keep_best: val_loss needs eval data")
+        return self
 
 
 class Stage(Strict):
@@ -288,6 +314,10 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
         for j, source in enumerate(stage.eval.data if stage.eval else ()):
             source.manifest = resolve(source.manifest, "stages", i, "eval", "data", j, "manifest")
             source.image_root = resolve(source.image_root, "stages", i, "eval", "data", j, "image_root")
+        if stage.eval and stage.eval.benchmark:
+            files = stage.eval.benchmark.files
+            for name in files:
+                files[name] = resolve(files[name], "stages", i, "eval", "benchmark", "files", name)
         if stage.init_from not in (None, "previous"):
             stage.init_from = str(resolve(Path(stage.init_from), "stages", i, "init_from"))
     return recipe

@@ -32,6 +32,9 @@ class Run:
     model: VisionLLM | None = None
     shared_output: bool = True
     llm_engine: object = None  # under ZeRO-3: the engine that partitions the frozen LLM
+    # The evaluation seam (`align train` passes align eval's): (kind, files, limit, pipeline, out, ranks, store) →
+    # {"<kind>/<metric>": value}; None where nothing can answer a stage's eval.benchmark.
+    evaluator: object = None
 
     @property
     def main(self) -> bool:
@@ -96,8 +99,8 @@ class ValidationData:
 
 
 def validation_data(run: Run, stage: Stage, pad_id: int, show_progress: bool) -> ValidationData | None:
-    """The render cache of the stage's `eval.data`, rendered exactly as its training data; None without `eval`."""
-    if stage.eval is None:
+    """The render cache of the stage's `eval.data`, rendered exactly as its training data; None without any."""
+    if stage.eval is None or not stage.eval.data:
         return None
     held_out = stage.model_copy(update={"data": stage.eval.data})
     cache = built_cache(run, settings_for(run.recipe, run.spec, held_out, run.row_shape[1]), show_progress)

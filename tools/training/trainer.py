@@ -31,7 +31,7 @@ from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapt
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
 from align.backbones.dtypes import TORCH_DTYPES
-from align.backbones.registry import get_backbone
+from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.constants import ADAPTER_DIR, CHECKPOINTS, METRICS, RECIPE_JSON, STAGE_DONE
 from align.errors import SharedError
 from align.files import WriteError, read_json_object, write_atomic
@@ -43,6 +43,7 @@ from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_
 from align.tools.training.metrics_log import MetricsLog, check_reporters
 from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe, trim_metrics
 from align.tools.training.recipe import Recipe, Stage, load_recipe
+from align.tools.pipeline import Pipeline, inference_template
 from align.tools.training.run import Run, StageData, ValidationData, stage_data, validation_data
 from align.tools.training.train_state import Stats, diverged, projector_state, restore, save_checkpoint
 from align.tools.training.training_data import collate
@@ -312,6 +313,25 @@ def keep_if_best(run: Run, stage: Stage, engine, step: int, value: float, templa
         write_atomic(best_dir / BEST_JSON, json.dumps({"step": step, "val_loss": value}))
 
 
+def benchmark_scores(run: Run, stage: Stage, data: StageData, step: int) -> dict:
+    """The stage's eval.benchmark asked of the projector as it is after `step`, through the run's evaluator, its
+    images read from the run's store; answers and scores in STAGE/eval/stepNNNNNNNN."""
+    benchmark = stage.eval.benchmark
+    model = Path(run.recipe.backbone.model or run.spec.model_path)
+    tokenizer = backbone_tokenizer(run.spec, model)
+    config = adapter_config(run, stage, step, data.template)
+    template = inference_template(config, run.spec, tokenizer, model, f"stage {stage.name}")
+    pipeline = Pipeline(config, run.model, tokenizer, None, run.spec, run.device, template)
+    out = run.recipe.runtime.output_dir / stage.name / "eval" / f"step{step:08d}"
+    training = run.model.training
+    run.model.eval()
+    try:
+        return run.evaluator(benchmark.kind, dict(benchmark.files), benchmark.limit, pipeline, out, run.ranks,
+                             run.recipe.features)
+    finally:
+        run.model.train(training)
+
+
 def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start: int, total: int, stats: Stats,
               show_progress: bool, metrics: MetricsLog | None, held_out: ValidationData | None = None) -> None:
     """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
@@ -351,10 +371,14 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 "peak_memory_mb": peak_memory_mb(run.device),
             }
             every = stage.eval.every if stage.eval else 0
-            if held_out is not None and (step + 1 == total or (every and (step + 1) % every == 0)):
-                record["eval"] = {"val_loss": validation_loss(run, stage, held_out)}
-                if stage.eval.keep_best:
-                    keep_if_best(run, stage, engine, step + 1, record["eval"]["val_loss"], data.template)
+            if stage.eval and (step + 1 == total or (every and (step + 1) % every == 0)):
+                record["eval"] = {}
+                if held_out is not None:
+                    record["eval"]["val_loss"] = validation_loss(run, stage, held_out)
+                    if stage.eval.keep_best:
+                        keep_if_best(run, stage, engine, step + 1, record["eval"]["val_loss"], data.template)
+                if stage.eval.benchmark:
+                    record["eval"].update(benchmark_scores(run, stage, data, step + 1))
             if metrics is not None:
                 metrics.write(record)
             bar.update(task, advance=1, loss=f"{loss:.4f}", samples=f"{record['samples_per_second']:.3g}")
@@ -477,9 +501,10 @@ class TrainOutcome:
 
 def train(recipe_path: Path | None, output: Path | None = None, resume: bool = False, overrides: list[str] = (),
           show_progress: bool = True, allow_recipe_change: bool = False, last_in_process: bool = False,
-          overwrite: bool = False) -> TrainOutcome:
+          overwrite: bool = False, evaluator=None) -> TrainOutcome:
     """Run every stage of a recipe in order (resuming without one: the run's own saved recipe in `output`);
-    `last_in_process` ends the process group afterwards, also on errors (DeepSpeed keeps its groups for the life of
+    `evaluator` answers stages' eval.benchmark (`align train` passes align eval's); `last_in_process` ends the
+    process group afterwards, also on errors (DeepSpeed keeps its groups for the life of
     the process, so a process that trains again keeps it)."""
     if recipe_path is None:
         recipe_path = saved_recipe(output, resume)
@@ -492,7 +517,7 @@ def train(recipe_path: Path | None, output: Path | None = None, resume: bool = F
             # Rank 0 holds the output folder for the whole job and decides whether it may be written into.
             ranks.decide(lambda: claim_output(recipe, held, resume, overwrite))
             try:
-                return _train(recipe, ranks, resume, show_progress, allow_recipe_change)
+                return _train(recipe, ranks, resume, show_progress, allow_recipe_change, evaluator)
             except WriteError as exc:  # what is finished is kept: the run continues once there is room
                 raise WriteError(f"{exc}; then continue the run with `align train --resume --output "
                                  f"{recipe.runtime.output_dir}`") from None
@@ -502,8 +527,18 @@ def train(recipe_path: Path | None, output: Path | None = None, resume: bool = F
             torch.distributed.destroy_process_group()
 
 
-def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool) -> TrainOutcome:
+def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allow_recipe_change: bool,
+           evaluator=None) -> TrainOutcome:
     check_reporters(recipe.runtime.report_to)
+    for stage in recipe.stages:
+        if stage.eval and stage.eval.benchmark:
+            if evaluator is None:
+                raise SharedError(f"stage {stage.name}: eval.benchmark needs an evaluator: run it with `align train`")
+            if missing := stage.eval.benchmark.missing():
+                raise SharedError(f"stage {stage.name}: eval.benchmark's {', '.join(map(str, missing))} does not exist")
+            if recipe.runtime.zero_stage == 3:  # answers of different lengths would run different forward passes
+                raise SharedError(f"stage {stage.name}: eval.benchmark generates answers, which ZeRO-3's gathered "
+                                  "weights cannot do rank by rank: use zero_stage 2 or an eval of data only")
     for stage in recipe.stages:  # before anything loads or trains: a later stage must not fail after hours
         if problem := stage.split_problem(ranks.world):
             raise SharedError(problem)
@@ -515,7 +550,8 @@ def _train(recipe: Recipe, ranks: Ranks, resume: bool, show_progress: bool, allo
     output = recipe.runtime.output_dir
     if resume:
         ranks.decide(lambda: check_resumed_recipe(output, recipe, allow_recipe_change))
-    run = Run(recipe, ranks, device, spec, store_meta, shared_output=ranks.sees_rank0_files(output))
+    run = Run(recipe, ranks, device, spec, store_meta, shared_output=ranks.sees_rank0_files(output),
+              evaluator=evaluator)
     if not run.shared_output and run.main:
         print(f"note: {output} is not shared by every node; each node keeps its own render cache and checkpoints, "
               "adapters are written on this node", flush=True)

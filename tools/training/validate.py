@@ -146,6 +146,8 @@ def check_recipe(path: Path | str, overrides: list[str] = (), *, world_size: int
                      for m in missing]
         problems += [f"stage {stage.name}: eval manifest {d.manifest} does not exist"
                      for d in (stage.eval.data if stage.eval else ()) if not d.manifest.is_file()]
+        problems += [f"stage {stage.name}: eval benchmark file {m} does not exist"
+                     for m in (stage.eval.benchmark.missing() if stage.eval and stage.eval.benchmark else ())]
         records = 0 if missing else sum(count_records(d.manifest) for d in stage.data)
         problems += stage_problems(recipe, stage, records, world_size)
         report = StageReport(stage.name, records)

@@ -499,3 +499,28 @@ def test_report_to_tensorboard_writes_the_steps_as_events(workspace):
     logged = [r["loss"] for r in metrics(workspace["run"]) if r["stage"] == "caption"]
     drawn = [e.value for e in events.Scalars("caption/loss")]
     assert drawn == pytest.approx(logged, rel=1e-6) and "chat/lr" in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_a_benchmark_asked_during_training_answers_as_align_eval_does_afterwards(workspace, tmp_path):
+    from align.tools.evaluate.benchmarks import align_jsonl
+    from align.tools.evaluate.evaluate import evaluate_adapter, evaluate_during_training
+
+    images = Path(workspace["manifest"]).parent
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps({"image": str(images / f"{i}.png"), "question": "What colour is it?",
+                                             "answers": ["red"]}) + "\n" for i in range(6)))
+    sets = workspace["sets"] + ["stages.chat.eval={benchmark: {kind: jsonl, files: {data: %s}, limit: 4}, every: 2}"
+                                % questions]
+    with pytest.raises(AlignError, match="eval.benchmark needs an evaluator"):
+        train(workspace["recipe"], overrides=sets, show_progress=False)
+    train(workspace["recipe"], overrides=sets, show_progress=False, overwrite=True, evaluator=evaluate_during_training)
+    chat = [r for r in metrics(workspace["run"]) if r["stage"] == "chat"]
+    asked = [r for r in chat if "eval" in r]
+    assert asked and asked[-1]["step"] == chat[-1]["step"]
+    assert {"jsonl/accuracy", "jsonl/exact_match"} <= asked[-1]["eval"].keys()
+    during = json.loads((workspace["run"] / "chat" / "eval" / f"step{chat[-1]['step']:08d}" / "results.json").read_text())
+    # The same projector asked afterwards through align eval, images from the same store: the same greedy answers.
+    after = evaluate_adapter(align_jsonl(questions, None), workspace["run"] / "chat" / "adapter", tmp_path / "after",
+                             features=workspace["features"], limit=4, device="cpu", progress=False)
+    assert [r["answer"] for r in during] == list(after.answers.values())
