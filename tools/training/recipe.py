@@ -78,15 +78,20 @@ class StageEval(Strict):
     data: list[DataSource] = Field(default_factory=list, description="held-out manifests (images in the store)")
     benchmark: EvalBenchmark | None = None
     every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the stage's end)")
-    keep_best: Literal["val_loss"] | None = Field(
-        None, description="also keep the adapter of the lowest validation loss, in STAGE/best/adapter")
+    keep_best: str | None = Field(
+        None, description="also keep the best adapter in STAGE/best/adapter: 'val_loss' (lowest) or a benchmark "
+        "score such as 'vqa/overall' (highest)")
 
     @model_validator(mode="after")
     def _something_to_evaluate(self) -> "StageEval":
         if not self.data and self.benchmark is None:
             raise ValueError("eval needs data (held-out manifests), a benchmark, or both")
-        if self.keep_best and not self.data:
+        if self.keep_best == "val_loss" and not self.data:
             raise ValueError("keep_best: val_loss needs eval data")
+        if self.keep_best not in (None, "val_loss") and not (
+                self.benchmark and self.keep_best.startswith(f"{self.benchmark.kind}/")):
+            raise ValueError(f"keep_best must be val_loss or a score of the eval benchmark "
+                             f"('{self.benchmark.kind if self.benchmark else 'KIND'}/<metric>'), not {self.keep_best!r}")
         return self
 
 

@@ -274,7 +274,7 @@ def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
     return totals, own_norm
 
 
-BEST_DIR, BEST_JSON = "best", "best.json"  # STAGE/best/adapter and the step and loss it was kept at
+BEST_DIR, BEST_JSON = "best", "best.json"  # STAGE/best/adapter and the step, metric and value it was kept at
 
 
 def validation_loss(run: Run, stage: Stage, held_out: ValidationData) -> float:
@@ -300,17 +300,22 @@ def validation_loss(run: Run, stage: Stage, held_out: ValidationData) -> float:
     return loss / max(1, tokens)
 
 
-def keep_if_best(run: Run, stage: Stage, engine, step: int, value: float, template: str) -> None:
-    """With `eval.keep_best`, the adapter of the lowest validation loss so far in STAGE/best (rank 0 writes)."""
+def keep_if_best(run: Run, stage: Stage, engine, step: int, scores: dict, template: str) -> None:
+    """With `eval.keep_best`, the adapter of the best score so far (the lowest val_loss, the highest benchmark
+    score) in STAGE/best; rank 0's scores decide (a benchmark is scored there) and rank 0 writes."""
+    metric = stage.eval.keep_best
     best_dir = run.recipe.runtime.output_dir / stage.name / BEST_DIR
-    record = run.ranks.decide(lambda: read_json_object(best_dir / BEST_JSON) if (best_dir / BEST_JSON).is_file()
-                              else None)
-    if record is not None and record.get("val_loss", math.inf) <= value:
+    value, record = run.ranks.decide(lambda: (scores.get(metric), read_json_object(best_dir / BEST_JSON)
+                                              if (best_dir / BEST_JSON).is_file() else None))
+    if value is None:
+        raise SharedError(f"stage {stage.name}: keep_best {metric} is not among the scores ({', '.join(scores)})")
+    sign = 1 if metric == "val_loss" else -1  # a loss is better lower, a benchmark score higher
+    if record is not None and sign * record.get("value", sign * math.inf) <= sign * value:
         return
     state = projector_state(engine, run.recipe.runtime.zero_stage)  # every rank: ZeRO-3 gathers it
     if run.main:
         save_adapter(best_dir / ADAPTER_DIR, adapter_config(run, stage, step, template), state)
-        write_atomic(best_dir / BEST_JSON, json.dumps({"step": step, "val_loss": value}))
+        write_atomic(best_dir / BEST_JSON, json.dumps({"step": step, "metric": metric, "value": value}))
 
 
 def benchmark_scores(run: Run, stage: Stage, data: StageData, step: int) -> dict:
@@ -375,10 +380,10 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 record["eval"] = {}
                 if held_out is not None:
                     record["eval"]["val_loss"] = validation_loss(run, stage, held_out)
-                    if stage.eval.keep_best:
-                        keep_if_best(run, stage, engine, step + 1, record["eval"]["val_loss"], data.template)
                 if stage.eval.benchmark:
                     record["eval"].update(benchmark_scores(run, stage, data, step + 1))
+                if stage.eval.keep_best:
+                    keep_if_best(run, stage, engine, step + 1, record["eval"], data.template)
             if metrics is not None:
                 metrics.write(record)
             bar.update(task, advance=1, loss=f"{loss:.4f}", samples=f"{record['samples_per_second']:.3g}")

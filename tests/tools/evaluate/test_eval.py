@@ -124,3 +124,18 @@ def test_two_processes_under_torchrun_answer_as_one(home, adapter, tiny_blip2, q
     assert answers(tmp_path / "two") == answers(tmp_path / "one")  # merged in the benchmark's order
     assert len(list((tmp_path / "two").glob("answers-r*.jsonl"))) == 2
     assert json.loads(two.stdout) == one.scores  # printed once, by rank 0
+
+
+@pytest.mark.slow
+def test_a_bad_question_is_a_reject_with_its_reason_and_the_rest_are_answered(home, adapter, tiny_blip2, tmp_path):
+    images = home["manifest"].parent
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    questions = write_manifest(tmp_path / "qa.jsonl", [
+        {"image": str(images / "0.png"), "question": "What is it?", "answers": ["x"]},
+        {"image": str(tmp_path / "missing.png"), "question": "What is it?", "answers": ["x"]},
+        {"image": str(tmp_path / "bad.png"), "question": "What is it?", "answers": ["x"]},
+        {"image": str(images / "1.png"), "question": "What is it?", "answers": ["x"]}])
+    row = run(home, adapter, tiny_blip2, questions, tmp_path / "out")
+    assert row.questions == 2 and row.rejected == 2
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "rejects-r0.jsonl").read_text().splitlines()]
+    assert any("missing file" in r for r in reasons) and len(reasons) == 2

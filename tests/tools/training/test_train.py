@@ -470,7 +470,7 @@ def test_a_stage_validates_on_held_out_records_and_keeps_its_best_adapter(worksp
     assert len({r["step"] for r in chat}) == len(chat)  # each step once: the validation is part of its step's line
     losses = {r["step"]: r["eval"]["val_loss"] for r in chat if "eval" in r}
     best = json.loads((workspace["run"] / "chat" / "best" / "best.json").read_text())
-    assert best["val_loss"] == min(losses.values()) and losses[best["step"]] == best["val_loss"]
+    assert best["value"] == min(losses.values()) and losses[best["step"]] == best["value"]
     assert load_adapter(workspace["run"] / "chat" / "best" / "adapter")[0].step == best["step"]
     caption = [r for r in metrics(workspace["run"]) if r["stage"] == "caption"]
     assert not any("eval" in r for r in caption)  # a stage without eval: nothing
@@ -510,8 +510,8 @@ def test_a_benchmark_asked_during_training_answers_as_align_eval_does_afterwards
     questions = tmp_path / "qa.jsonl"
     questions.write_text("".join(json.dumps({"image": str(images / f"{i}.png"), "question": "What colour is it?",
                                              "answers": ["red"]}) + "\n" for i in range(6)))
-    sets = workspace["sets"] + ["stages.chat.eval={benchmark: {kind: jsonl, files: {data: %s}, limit: 4}, every: 2}"
-                                % questions]
+    sets = workspace["sets"] + ["stages.chat.eval={benchmark: {kind: jsonl, files: {data: %s}, limit: 4}, every: 2, "
+                                "keep_best: jsonl/exact_match}" % questions]
     with pytest.raises(AlignError, match="eval.benchmark needs an evaluator"):
         train(workspace["recipe"], overrides=sets, show_progress=False)
     train(workspace["recipe"], overrides=sets, show_progress=False, overwrite=True, evaluator=evaluate_during_training)
@@ -524,3 +524,7 @@ def test_a_benchmark_asked_during_training_answers_as_align_eval_does_afterwards
     after = evaluate_adapter(align_jsonl(questions, None), workspace["run"] / "chat" / "adapter", tmp_path / "after",
                              features=workspace["features"], limit=4, device="cpu", progress=False)
     assert [r["answer"] for r in during] == list(after.answers.values())
+    best = json.loads((workspace["run"] / "chat" / "best" / "best.json").read_text())
+    scores = {r["step"]: r["eval"]["jsonl/exact_match"] for r in asked}
+    assert best["metric"] == "jsonl/exact_match" and best["value"] == max(scores.values())
+    assert best["step"] == min(s for s, v in scores.items() if v == best["value"])  # the first of equals is kept
