@@ -318,23 +318,29 @@ def keep_if_best(run: Run, stage: Stage, engine, step: int, scores: dict, templa
         write_atomic(best_dir / BEST_JSON, json.dumps({"step": step, "metric": metric, "value": value}))
 
 
-def benchmark_scores(run: Run, stage: Stage, data: StageData, step: int) -> dict:
-    """The stage's eval.benchmark asked of the projector as it is after `step`, through the run's evaluator, its
-    images read from the run's store; answers and scores in STAGE/eval/stepNNNNNNNN."""
-    benchmark = stage.eval.benchmark
-    model = Path(run.recipe.backbone.model or run.spec.model_path)
-    tokenizer = backbone_tokenizer(run.spec, model)
-    config = adapter_config(run, stage, step, data.template)
-    template = inference_template(config, run.spec, tokenizer, model, f"stage {stage.name}")
-    pipeline = Pipeline(config, run.model, tokenizer, None, run.spec, run.device, template)
-    out = run.recipe.runtime.output_dir / stage.name / "eval" / f"step{step:08d}"
-    training = run.model.training
-    run.model.eval()
-    try:
-        return run.evaluator(benchmark.kind, dict(benchmark.files), benchmark.limit, pipeline, out, run.ranks,
-                             run.recipe.features)
-    finally:
-        run.model.train(training)
+class BenchmarkAsker:
+    """A stage's eval.benchmark, asked through the run's evaluator of the projector as it is at a step; the
+    tokenizer and template are loaded once per stage, the answers and scores go to STAGE/eval/stepNNNNNNNN."""
+
+    def __init__(self, run: Run, stage: Stage, data: StageData):
+        self.run, self.stage, self.data = run, stage, data
+        self.model_dir = Path(run.recipe.backbone.model or run.spec.model_path)
+        self.tokenizer = backbone_tokenizer(run.spec, self.model_dir)
+
+    def __call__(self, step: int) -> dict:
+        """The benchmark's scores after `step`, as {"<kind>/<metric>": value} (rank 0's)."""
+        run, stage, benchmark = self.run, self.stage, self.stage.eval.benchmark
+        config = adapter_config(run, stage, step, self.data.template)
+        template = inference_template(config, run.spec, self.tokenizer, self.model_dir, f"stage {stage.name}")
+        pipeline = Pipeline(config, run.model, self.tokenizer, None, run.spec, run.device, template)
+        out = run.recipe.runtime.output_dir / stage.name / "eval" / f"step{step:08d}"
+        training = run.model.training
+        run.model.eval()
+        try:
+            return run.evaluator(benchmark.kind, dict(benchmark.files), benchmark.limit, pipeline, out, run.ranks,
+                                 run.recipe.features)
+        finally:
+            run.model.train(training)
 
 
 def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start: int, total: int, stats: Stats,
@@ -342,6 +348,7 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
     """Optimizer steps `start`..`total`, with metrics, interval checkpoints and Ctrl-C handled at step ends."""
     runtime = run.recipe.runtime
     checkpoints = runtime.output_dir / stage.name / CHECKPOINTS
+    ask_benchmark = BenchmarkAsker(run, stage, data) if stage.eval and stage.eval.benchmark else None
     columns = progress_columns(f"[bold]{stage.name}[/bold]", "loss {task.fields[loss]}",
                                "{task.fields[samples]} samples/s", unit="steps")
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
@@ -381,7 +388,7 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                 if held_out is not None:
                     record["eval"]["val_loss"] = validation_loss(run, stage, held_out)
                 if stage.eval.benchmark:
-                    record["eval"].update(benchmark_scores(run, stage, data, step + 1))
+                    record["eval"].update(ask_benchmark(step + 1))
                 if stage.eval.keep_best:
                     keep_if_best(run, stage, engine, step + 1, record["eval"], data.template)
             if metrics is not None:
