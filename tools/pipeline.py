@@ -108,10 +108,16 @@ class Pipeline:
         pixels = np.stack([eval_view(read_image(image), self.encoder.preprocessing)[None] for image in images])
         return torch.from_numpy(encode(self.encoder, pixels, self.device, batch_size=len(images))[:, 0])
 
-    def stored_features(self, store: Path | str, key: str) -> torch.Tensor:
-        """[1, queries, width] features of one image from a feature store (by image key or by extracted path)."""
+    def open_store(self, store: Path | str) -> FeatureStore:
+        """A feature store whose rows this adapter was trained on (another encoder's is refused)."""
         opened = FeatureStore.open(store)
         _check_store(self.adapter, opened, str(store))
+        return opened
+
+    def stored_features(self, store: Path | str | FeatureStore, key: str) -> torch.Tensor:
+        """[1, queries, width] features of one image from a feature store (by image key or by extracted path); an
+        opened store is read as it is (open it once with `open_store` to read many)."""
+        opened = store if isinstance(store, FeatureStore) else self.open_store(store)
         resolved = key if key in opened else opened.locate(Path(key).expanduser().resolve())
         return torch.from_numpy(np.asarray(opened.get(resolved)[0], dtype=np.float32))[None]
 

@@ -14,7 +14,6 @@ from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -134,7 +133,7 @@ def _answer(pipeline: Pipeline, pending: list[Question], answers_file: Path, rej
             options: GenerationOptions, batch_size: int, features: Path | None, progress: bool) -> tuple[int, int]:
     """Answer this rank's share of the pending questions, appending each batch's answers; (rejected, answered)."""
     rejects = RejectLog(rejects_file)
-    store = FeatureStore.open(features) if features is not None else None
+    store = pipeline.open_store(features) if features is not None else None
     made = 0
     columns = progress_columns("[bold]eval[/bold]", unit="questions")
     with open_own(answers_file) as file, Progress(*columns, disable=not progress) as bar:
@@ -163,8 +162,7 @@ def _answer(pipeline: Pipeline, pending: list[Question], answers_file: Path, rej
 def _features(pipeline: Pipeline, store: FeatureStore | None, question: Question) -> torch.Tensor:
     """[1, queries, width] features of the question's image: from the store when given, else through the encoder."""
     if store is not None and isinstance(question.image, Path):
-        row = store.get(store.locate(question.image.expanduser().resolve()))[0]
-        return torch.from_numpy(np.asarray(row, dtype=np.float32))[None]
+        return pipeline.stored_features(store, str(question.image))
     try:
         image = read_image(read_image_input(question))
     except (OSError, ValueError) as exc:  # bytes a TSV carried that PIL cannot open
