@@ -234,6 +234,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return TORCH_DTYPES[precision] if precision != "fp32" else None
 
 
+def forward_loss(run: Run, batch: list, rows, view: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One micro-batch through the model in the run's precision: its summed token loss, supervised tokens, and the
+    inputs it was collated into."""
+    inputs = {k: v.to(run.device) for k, v in collate(batch, rows, view, pad_id).items()}
+    amp = autocast_dtype(run.recipe.runtime.precision)
+    with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
+        loss_sum, tokens = micro_batch_loss(run.model, inputs)
+    return loss_sum, tokens, inputs
+
+
 def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
                step: int) -> tuple[StepTotals, float | None]:
     """One optimizer step: this rank's micro-batches of global batch `step`, normalised as the recipe says; with
@@ -249,13 +259,10 @@ def train_step(run: Run, stage: Stage, data: StageData, engine, epoch: int,
     muted = mute_broken_features(run, data, samples, ids, view, size)
     global_tokens = sum(int(np.count_nonzero(np.asarray(s.labels[1:]) != IGNORE_INDEX)) for s in samples)
     micro = [samples[i:i + size] for i in range(0, len(samples), size)]
-    amp = autocast_dtype(run.recipe.runtime.precision)
     totals, own_norm = StepTotals(muted=muted if run.main else 0), None  # counted once in the sum over ranks
     mine = micro[run.ranks.rank::run.ranks.world]
     for k, batch in enumerate(mine):
-        inputs = {k: v.to(run.device) for k, v in collate(batch, data.rows, view, data.pad_id).items()}
-        with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
-            loss_sum, tokens = micro_batch_loss(run.model, inputs)
+        loss_sum, tokens, inputs = forward_loss(run, batch, data.rows, view, data.pad_id)
         if stage.loss == "token":
             # DeepSpeed averages gradients over ranks: scaling by the world size leaves Σ loss / global tokens.
             engine.backward(loss_sum * run.ranks.world / max(1, global_tokens), scale_wrt_gas=False)
@@ -285,15 +292,12 @@ def validation_loss(run: Run, stage: Stage, held_out: ValidationData) -> float:
     size = stage.micro_batch_size
     micro = [samples[i:i + size] for i in range(0, len(samples), size)]
     rounds = -(-len(micro) // run.ranks.world)
-    amp = autocast_dtype(run.recipe.runtime.precision)
     loss, tokens = 0.0, 0
     with torch.no_grad():
         for k in range(rounds):
             index = run.ranks.rank + k * run.ranks.world
             batch = micro[index] if index < len(micro) else micro[0]  # an idle rank's pass is not counted
-            inputs = {key: v.to(run.device) for key, v in collate(batch, held_out.rows, 0, held_out.pad_id).items()}
-            with torch.autocast(run.device.type, dtype=amp) if amp else nullcontext():
-                loss_sum, count = micro_batch_loss(run.model, inputs)
+            loss_sum, count, _ = forward_loss(run, batch, held_out.rows, 0, held_out.pad_id)
             if index < len(micro):
                 loss, tokens = loss + float(loss_sum), tokens + int(count)
     loss, tokens = run.ranks.sum([loss, tokens])
