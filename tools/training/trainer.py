@@ -342,7 +342,7 @@ class BenchmarkAsker:
         run.model.eval()
         try:
             return run.evaluator(benchmark.kind, dict(benchmark.files), benchmark.limit, pipeline, out, run.ranks,
-                                 run.recipe.features)
+                                 run.recipe.features, prompt=benchmark.prompt, max_new_tokens=benchmark.max_new_tokens)
         finally:
             run.model.train(training)
 

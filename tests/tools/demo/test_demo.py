@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import yaml
 
-from align.tools.demo.demo import MARKER, REQUIRED_GAIN, DemoError, prepare_workspace
+from align.tools.demo.demo import MARKER, REQUIRED_GAIN, DemoError, default_backbone, demo_backbone, prepare_workspace
 from align.tools.demo.demo_world import Content, names_correctly
 from conftest import run_align
 
@@ -27,7 +27,8 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     out, report, home = demo
-    assert set(report) == {"held_out", "accuracy", "cider", "seconds", "workspace"}
+    assert set(report) == {"backbone", "held_out", "accuracy", "cider", "seconds", "workspace"}
+    assert report["backbone"] == "demo-tiny"
     assert report["cider"]["stage2"] > report["cider"]["untrained"]  # align eval's CIDEr of the same answers
     assert (out / "runs" / "curves.png").is_file() and (out / "eval" / "stage2" / "scores.json").is_file()
     assert set(report["accuracy"]) == {"untrained", "stage1", "stage2"} and report["held_out"] == 48
@@ -40,6 +41,38 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     for stage in ("caption", "chat"):
         assert (out / "runs" / stage / "adapter" / "adapter.safetensors").is_file()
     assert not home.exists()  # nothing registered outside the workspace
+
+
+@pytest.mark.slow
+def test_demo_runs_with_any_registered_backbone_as_it_is(demo, tmp_path):
+    # A pretrained LLM from elsewhere, registered with add-backbone: here the first demo's own (saved, frozen) LLM.
+    out, _, _ = demo
+    home = tmp_path / "home"
+    added = run_align("add-backbone", "mini", "--model", out / "llm", "--template", "chatml", home=home)
+    assert added.returncode == 0, added.stderr[-2000:]
+    result = run_align("demo", "--backbone", "mini", "--out", tmp_path / "ws", "--json", home=home, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    ws = tmp_path / "ws"
+    # The LLM is used as it is (no copy, no text pretraining) with the recipe measured for pretrained LLMs.
+    assert report["backbone"] == "mini" and not (ws / "llm").exists()
+    recipe = yaml.safe_load((ws / "recipe.yaml").read_text())
+    assert recipe["backbone"] == {"name": "mini"} and [s["name"] for s in recipe["stages"]] == ["chat"]
+    assert set(report["accuracy"]) == {"untrained", "stage1"}
+    assert report["accuracy"]["stage1"] >= report["accuracy"]["untrained"] + REQUIRED_GAIN
+    adapter = json.loads((ws / "runs" / "chat" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["backbone"] == "mini" and adapter["step"] == 90
+    saved = json.loads((ws / "results.json").read_text())
+    assert saved["backbone"] == "mini"
+
+
+def test_demo_backbone_without_a_local_model_says_how_to_add_it(align_home):
+    with pytest.raises(DemoError, match=r"^backbone 'smollm2' has no local model: run `align add-backbone smollm2` "
+                                        r"\(pip install 'align\[gguf\]' first\)$"):
+        demo_backbone("smollm2")
+    with pytest.raises(DemoError, match=r"run `align add-backbone vicuna-7b-v0 --model PATH`"):
+        demo_backbone("vicuna-7b-v0")
+    assert default_backbone() == "demo-tiny"  # smollm2 becomes the default only once it is added
 
 
 @pytest.mark.slow
