@@ -772,13 +772,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for pictures, models and training.")] = 0,
     backbone: Annotated[Optional[str], typer.Option(help="A registered LLM, used as it is (default: smollm2 once "
                                                     "added, else demo-tiny, built and taught the caption language).")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Also write the figures and the learning curve as JSON + PNG "
+                                                    "in this folder (e.g. bench/results).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The whole pipeline on a CPU: pictures, a tiny encoder, an LLM, features, training, chat, scoring."""
     from align.tools.demo.demo import REQUIRED_GAIN, run_demo
 
     say = (lambda line: None) if as_json else _say
-    result = run_demo(out, seed, say=say, quiet=as_json, backbone=backbone)
+    result = run_demo(out, seed, say=say, quiet=as_json, backbone=backbone, results_dir=results)
     if as_json:
         print(json.dumps(result.as_json()))
     else:
@@ -790,7 +792,10 @@ def demo(
         for example in result.examples:
             console.print(f"  {example['projector']:<9} {example['image']} ({example['truth']}): "
                           f"{escape(example['answer'])!r}", highlight=False)
-        console.print(f"done in {result.seconds:.0f} s; workspace {escape(result.workspace)}", highlight=False)
+        console.print(f"done in {result.seconds:.0f} s; workspace {escape(result.workspace)}; learning curve "
+                      f"{escape(result.workspace)}/curve.png", highlight=False)
+        if result.results:
+            console.print(f"figures: {escape(str(result.results))} (+ .png)", highlight=False)
         for what, command in result.commands.items():
             console.print(f"{what}: {escape(command)}", highlight=False)
     if not result.passed:

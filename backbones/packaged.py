@@ -12,6 +12,7 @@ import sys
 import tempfile
 import zipfile
 from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,10 +107,8 @@ def gguf_file(weights: PackagedWeights, given: Path | None, scratch: Path, say) 
 def convert_gguf(gguf: Path, out: Path, stamp: str = "") -> Path:
     """A GGUF file written as a transformers directory (weights dequantized to fp32 safetensors, tokenizer, chat
     template, and `stamp` in STAMP); the directory appears whole or not at all."""
-    try:
-        import gguf as _  # noqa: F401  transformers reads GGUF through it
-    except ImportError:
-        raise BackboneError(f"reading GGUF needs the gguf package: pip install 'align[{EXTRA}]'") from None
+    if find_spec("gguf") is None:  # transformers reads GGUF through it
+        raise BackboneError(f"reading GGUF needs the gguf package: pip install 'align[{EXTRA}]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")

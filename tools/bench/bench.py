@@ -3,11 +3,9 @@
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ import torch
 import transformers
 from PIL import Image
 
-from align import __version__
 from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.llm import quantization_config
 from align.backbones.vision import Encoder, default_compute_dtype, load_encoder
@@ -23,39 +20,9 @@ from align.backbones.vision.blip2 import BlipEncoder
 from align.backbones.vision.preprocessing import Preprocessing
 from align.tools.features.extract import ImageFiles
 from align.errors import AlignError
+from align.tools.results import RESULTS_DIR, device_name, write_result
 from align.tools.runtime import local_device
 from align.words import counted
-
-RESULTS_DIR = Path("bench") / "results"
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the device measured on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def write_result(result: dict, out_dir: Path, name: str) -> tuple[dict, Path]:
-    """Add what the figures depend on (versions, time, the machine's load while measuring) and write the result
-    under a name no other run takes: the time to the second, and a counter if that is taken too."""
-    result = {
-        **result,
-        "versions": {"align": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "cuda": torch.version.cuda},
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = result["measured_at"][:19].replace(":", "")
-    path, n = out_dir / f"{name}-{stamp}.json", 1
-    while path.exists():
-        n += 1
-        path = out_dir / f"{name}-{stamp}-{n}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result, path
-
 
 def full_size_encoder(config: transformers.Blip2Config | None = None) -> Encoder:
     """EVA ViT-g + Q-Former with random weights in BLIP-2's real shapes (nothing is downloaded), or `config`'s."""

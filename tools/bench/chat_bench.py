@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
-from align.tools.bench.bench import RESULTS_DIR, device_name, write_result
+from align.tools.results import RESULTS_DIR, device_name, write_result
 from align.tools.inference.chat_session import ChatSession
 from align.tools.generation import GenerationOptions
 from align.tools.pipeline import Pipeline

@@ -11,7 +11,7 @@ from align.adapters.adapter_files import load_adapter, save_adapter
 from align.adapters.projector import build_projector
 from align.backbones.registry import get_backbone
 from align.errors import AlignError
-from align.tools.bench.bench import RESULTS_DIR, device_name, write_result
+from align.tools.results import RESULTS_DIR, device_name, write_result
 from align.tools.bench.bench_sizes import derive_workspace, get_size, registered
 from align.tools.evaluate.benchmarks import align_jsonl
 from align.tools.evaluate.evaluate import evaluate_adapter

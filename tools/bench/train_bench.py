@@ -32,7 +32,7 @@ from align.backbones.vision.preprocessing import eval_view
 from align.constants import STORE_SHARDS
 from align.errors import AlignError
 from align.templates import IGNORE_INDEX
-from align.tools.bench.bench import RESULTS_DIR, device_name, write_result
+from align.tools.results import RESULTS_DIR, device_name, write_result
 from align.tools.bench.bench_sizes import BenchSize, derive_workspace, get_size, registered
 from align.tools.feature_store import DTYPE
 from align.tools.images import read_image

@@ -24,21 +24,19 @@ import yaml
 from rich.progress import Progress
 from transformers.utils import logging as transformers_logging
 
-from align.adapters.adapter_files import AdapterConfig, save_adapter
-from align.adapters.projector import build_projector
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR
 from align.errors import AlignError
-from align.tools.demo.demo_models import QUERIES, WIDTH, build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
-from align.tools.demo.demo_curve import learning_curve, plot_curve
+from align.tools.demo.demo_models import build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
+from align.tools.demo.demo_curve import answers_of, first_reaching, learning_curve, plot_curve
 from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
 from align.tools.evaluate.benchmarks import align_jsonl
-from align.tools.evaluate.evaluate import evaluate_adapter
+from align.tools.evaluate.evaluate import evaluate_adapter, score_predictions
 from align.tools.features.extract import extract_features
-from align.tools.feature_store import FeatureStore
 from align.tools.generation import GenerationOptions
+from align.tools.results import device_name, write_result
 from align.tools.runtime import child_environment, progress_columns
 from align.tools.training.plot import plot_run
 
@@ -91,6 +89,7 @@ class DemoResult:
     curve: list[dict] = field(default_factory=list)  # held-out accuracy against steps (demo_curve.learning_curve)
     examples: list[dict] = field(default_factory=list)  # a few held-out answers per projector
     commands: dict[str, str] = field(default_factory=dict)  # what to run next
+    results: Path | None = None  # the JSON written under --results (its PNG beside it)
 
     @property
     def passed(self) -> bool:
@@ -144,10 +143,14 @@ def write_data(ws: Path, seed: int) -> list[tuple[Path, Content]]:
         draw(content, rng).save(path)
         held_out.append((path, content))
     # The held-out benchmark in align's own JSONL (`align eval jsonl`): the answer the chat stage was taught, and the
-    # plain caption, as references.
+    # plain caption, as references. The same pictures as questions are what the recipe asks during training: scored
+    # in Python, where caption metrics would start Java at every evaluation.
     evaluation = [{"image": f"../images/held_out/{p.name}", "captions": [f"It is a {c.colour} {c.shape}.", c.words]}
                   for p, c in held_out]
+    questions = [{"image": f"../images/held_out/{p.name}", "question": DESCRIBE,
+                  "answers": [f"It is a {c.colour} {c.shape}."]} for p, c in held_out]
     for name, records in (("captions", captions), ("chat", chats), ("held_out_eval", evaluation),
+                          ("held_out_questions", questions),
                           ("held_out", [{"image": f"../images/held_out/{p.name}", "caption": c.words} for p, c in held_out])):
         (ws / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return held_out
@@ -170,17 +173,6 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None], quiet: bool = 
     say(f"      {PRETRAIN_STEPS} text-only steps in {time.perf_counter() - started:.0f} s, final loss {loss:.3f}")
 
 
-def write_untrained_adapter(ws: Path, seed: int, spec: BackboneSpec) -> Path:
-    """The projector as training starts it (same seed, same initialisation), saved as an adapter to score."""
-    torch.manual_seed(seed)
-    projector = build_projector("linear", WIDTH, spec.hidden_size)
-    store = FeatureStore.open(ws / "features")
-    config = AdapterConfig.for_backbone(spec, projector="linear", in_features=WIDTH, template=spec.template,
-                                        num_query_tokens=QUERIES, encoder_fingerprint=store.meta["encoder_fingerprint"],
-                                        stage="untrained")
-    return save_adapter(ws / "runs" / "untrained" / ADAPTER_DIR, config, projector.state_dict())
-
-
 def run_train(recipe: Path, seed: int, quiet: bool) -> None:
     """`align train recipe.yaml --set runtime.seed=N` in its own process, exactly as a user would run it."""
     command = [sys.executable, "-m", "align", "train", str(recipe), "--set", f"runtime.seed={seed}"]
@@ -190,28 +182,28 @@ def run_train(recipe: Path, seed: int, quiet: bool) -> None:
         raise DemoError(f"`align train {recipe}` failed (exit {result.returncode}) {' '.join(detail)}")
 
 
-def projectors(stages: list[str]) -> dict[str, str]:
-    """Each projector the demo scores, by its label in the report (untrained, stage1, …): its run folder."""
-    return {"untrained": "untrained", **{f"stage{i}": name for i, name in enumerate(stages, 1)}}
-
-
 def score(ws: Path, held_out: list[tuple[Path, Content]], stages: list[str], model: Path | None,
           quiet: bool) -> tuple[dict, dict, list[dict]]:
-    """Each projector through `align eval` on the held-out pictures (align's JSONL with reference captions), asked to
-    describe them in the chat template: the share naming colour and shape right, and the answers' CIDEr."""
+    """Each projector, asked to describe the held-out pictures in the chat template (align's JSONL with reference
+    captions): the share naming colour and shape right, and the answers' CIDEr. The untrained projector's answers
+    are those the first stage's evaluation gave before its first step (scored as `align eval --predictions`); each
+    stage's adapter goes through `align eval`."""
     benchmark = align_jsonl(ws / "data" / "held_out_eval.jsonl", None)
     options = GenerationOptions(max_new_tokens=24)
-    accuracy, cider, examples = {}, {}, []
-    for label, stage in projectors(stages).items():
+    untrained = ws / "runs" / stages[0] / "eval" / "step00000000" / "results.json"
+    answers = {"untrained": (answers_of(untrained), score_predictions(benchmark, untrained).scores["CIDEr"])}
+    for label, stage in {f"stage{i}": name for i, name in enumerate(stages, 1)}.items():
         row = evaluate_adapter(benchmark, ws / "runs" / stage / ADAPTER_DIR, ws / "eval" / label, model=model,
                                encoder=ws / "encoder", prompt=DESCRIBE, options=options, batch_size=len(held_out),
                                device="cpu", progress=not quiet)
-        answers = list(row.answers.values())
-        right = [names_correctly(answer, content) for answer, (_, content) in zip(answers, held_out)]
+        answers[label] = (list(row.answers.values()), row.scores["CIDEr"])
+    accuracy, cider, examples = {}, {}, []
+    for label, (said, score_cider) in answers.items():
+        right = [names_correctly(answer, content) for answer, (_, content) in zip(said, held_out)]
         accuracy[label] = round(sum(right) / len(held_out), 4)
-        cider[label] = round(row.scores["CIDEr"], 4)
+        cider[label] = round(score_cider, 4)
         examples += [{"projector": label, "image": str(path.relative_to(ws)), "truth": content.words, "answer": answer}
-                     for (path, content), answer in list(zip(held_out, answers))[:3]]
+                     for (path, content), answer in list(zip(held_out, said))[:3]]
     return accuracy, cider, examples
 
 
@@ -227,10 +219,22 @@ def write_recipe(ws: Path, spec: BackboneSpec, seed: int) -> tuple[Path, list[st
     return recipe, [stage["name"] for stage in yaml.safe_load(body)["stages"]]
 
 
+def write_figures(result: DemoResult, results_dir: Path) -> Path:
+    """The demo's figures as a measured result under `results_dir` (JSON, and its learning curve as a PNG beside
+    it): accuracy and CIDEr per projector, the curve, the first point at 80 %, wall time, the machine."""
+    figures = {"bench": "demo", **result.as_json(), "first_at_80_percent": first_reaching(result.curve, 0.8),
+               "device": device_name(torch.device("cpu"))}
+    name = result.backbone if result.backbone.startswith("demo-") else f"demo-{result.backbone}"
+    _, path = write_result(figures, results_dir, name)
+    plot_curve({result.backbone: result.curve}, path.with_suffix(".png"),
+               f"align demo --backbone {result.backbone}: {result.held_out} held-out pictures")
+    return path
+
+
 def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet: bool = False,
-             backbone: str | None = None) -> DemoResult:
+             backbone: str | None = None, results_dir: Path | None = None) -> DemoResult:
     """Build the workspace, run the pipeline with `backbone` (default: `default_backbone()`), score it; `say` gets
-    one line per step."""
+    one line per step. With `results_dir`, also write the figures there (`write_figures`)."""
     started = time.perf_counter()
     cpu_accelerator_without_gpu()
     # Loading bars for models that load in milliseconds would bury the demo's own lines.
@@ -255,12 +259,11 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     extract_features(manifests, ws / "encoder", ws / "features", workers=0, progress=not quiet, batch_size=64)
     recipe, stages = write_recipe(ws, spec, seed)
     say(f"[4/5] align train {recipe} --set runtime.seed={seed}: stages {', '.join(stages)}; only the projector learns")
-    write_untrained_adapter(ws, seed, spec)
     run_train(recipe, seed, quiet)
     say(f"[5/5] asking the LLM to describe each of the {len(held_out)} held-out pictures, with each projector")
     accuracy, cider, examples = score(ws, held_out, stages, model, quiet)
     plot_run(ws / "runs")
-    curve = learning_curve(ws / "runs", ws / "eval" / "untrained" / "results.json", [c for _, c in held_out])
+    curve = learning_curve(ws / "runs", stages, [c for _, c in held_out])
     plot_curve({spec.name: curve}, ws / "curve.png", f"align demo: {len(held_out)} held-out pictures")
     result = DemoResult(backbone=spec.name, held_out=len(held_out), accuracy=accuracy, cider=cider,
                         seconds=round(time.perf_counter() - started, 1), workspace=str(ws), curve=curve,
@@ -273,4 +276,6 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
                    f"--manifest {ws}/data/held_out.jsonl --out {ws}/held_out_predictions.jsonl",
     }
     (ws / "results.json").write_text(json.dumps({**result.as_json(), "examples": examples}, indent=2) + "\n")
+    if results_dir is not None:
+        result.results = write_figures(result, results_dir)
     return result

@@ -27,22 +27,24 @@ def answers_of(results: Path) -> list[str]:
     return [str(record["answer"]) for record in json.loads(results.read_text(encoding="utf-8"))]
 
 
-def learning_curve(runs: Path, untrained: Path, truth: list[Content]) -> list[dict]:
-    """One point per evaluation of the run (step 0: the untrained projector's `results.json`): global step, stage,
+def learning_curve(runs: Path, stages: list[str], truth: list[Content]) -> list[dict]:
+    """One point per evaluation of the run (step 0: the first stage's, before its first step): global step, stage,
     accuracy, and the seconds of training (optimizer steps only, from metrics.jsonl) up to it."""
-    points = [{"step": 0, "stage": "untrained", **accuracy(answers_of(untrained), truth), "train_seconds": 0.0}]
+    points = []
     records = read_metrics(runs / METRICS)
     recipe = json.loads((runs / "recipe.json").read_text())
     batch = {stage["name"]: stage["global_batch_size"] for stage in recipe["stages"]}
-    offset, elapsed, seconds_at = {}, 0.0, {}
+    offset, elapsed, seconds_at = {}, 0.0, {0: 0.0}
     for record in records:
-        offset.setdefault(record["stage"], len(seconds_at))
+        offset.setdefault(record["stage"], len(seconds_at) - 1)
         elapsed += batch[record["stage"]] / record["samples_per_second"]
-        seconds_at[len(seconds_at) + 1] = elapsed
-    for stage, start in offset.items():
+        seconds_at[len(seconds_at)] = elapsed
+    for stage in stages:
+        start = offset[stage]
         for folder in sorted((runs / stage / "eval").glob("step*")):
             step = start + int(folder.name.removeprefix("step"))
-            points.append({"step": step, "stage": stage, **accuracy(answers_of(folder / "results.json"), truth),
+            points.append({"step": step, "stage": "untrained" if step == 0 else stage,
+                           **accuracy(answers_of(folder / "results.json"), truth),
                            "train_seconds": round(seconds_at[step], 1)})
     return points
 

@@ -80,6 +80,8 @@ class StageEval(Strict):
     data: list[DataSource] = Field(default_factory=list, description="held-out manifests (images in the store)")
     benchmark: EvalBenchmark | None = None
     every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the stage's end)")
+    at_start: bool = Field(False, description="also ask the benchmark before the first step, of the projector as the "
+                           "stage starts it (answers and scores in STAGE/eval/step00000000)")
     keep_best: str | None = Field(
         None, description="also keep the best adapter in STAGE/best/adapter: 'val_loss' (lowest) or a benchmark "
         "score such as 'vqa/overall' (highest)")
@@ -88,6 +90,8 @@ class StageEval(Strict):
     def _something_to_evaluate(self) -> "StageEval":
         if not self.data and self.benchmark is None:
             raise ValueError("eval needs data (held-out manifests), a benchmark, or both")
+        if self.at_start and self.benchmark is None:
+            raise ValueError("at_start asks the benchmark: give eval a benchmark")
         if self.keep_best == "val_loss" and not self.data:
             raise ValueError("keep_best: val_loss needs eval data")
         if self.keep_best not in (None, "val_loss") and not (
@@ -178,6 +182,9 @@ class Recipe(Strict):
     backbone: BackboneRef
     features: Path = Field(description="feature store made by `align features extract`")
     projector: str = "linear"
+    projector_init: Literal["matched", "default"] = Field(
+        "matched", description="a stage's new projector: 'matched' rescales it so that its outputs on the stage's "
+        "features have the mean and spread of the LLM's input embeddings; 'default': PyTorch's own init")
     stages: list[Stage] = Field(min_length=1)
     runtime: Runtime = Field(default_factory=Runtime)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
-from align.adapters.projector import build_projector
+from align.adapters.projector import build_projector, embedding_statistics, match_embeddings
 from align.adapters.vision_llm import VisionLLM
 from align.backbones.dtypes import TORCH_DTYPES
 from align.backbones.registry import backbone_tokenizer, get_backbone
@@ -132,13 +132,42 @@ def parameter_groups(projector: torch.nn.Module, weight_decay: float) -> list[di
             if g["params"]]
 
 
-def initial_projector(run: Run, stage: Stage, previous: Path | None) -> torch.nn.Module:
-    """A new projector, or the previous stage's / a given adapter loaded into it (read by rank 0, checked, shared)."""
+# Samples whose store rows a new projector is matched on (the first ones of the stage, the same on every rank).
+MATCH_SAMPLES = 256
+
+
+def embedding_table(run: Run) -> tuple[torch.Tensor, float]:
+    """The frozen LLM's input embedding statistics (`embedding_statistics`), the table gathered once under ZeRO-3."""
+    weight = run.model.llm.get_input_embeddings().weight
+    if getattr(weight, "ds_id", None) is None:
+        return embedding_statistics(weight.detach())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight]):
+        return embedding_statistics(weight.detach())
+
+
+def matched_projector(run: Run, projector: torch.nn.Module, data: StageData) -> torch.nn.Module:
+    """`projector` rescaled to the LLM's embeddings on the view-0 rows of the stage's first samples."""
+    samples = data.cache.samples(np.arange(min(MATCH_SAMPLES, len(data.cache))), 0)
+    rows = [data.rows.get(r)[0] for sample in samples for r in sample.rows]
+    rows = [row for row in rows if np.isfinite(row).all()]  # a damaged row must not set the scale
+    if not rows:
+        return projector
+    features = torch.from_numpy(np.concatenate(rows).astype(np.float32))
+    mean, spread = embedding_table(run)
+    match_embeddings(projector, features, mean.cpu(), spread)
+    return projector
+
+
+def initial_projector(run: Run, stage: Stage, previous: Path | None, data: StageData) -> torch.nn.Module:
+    """A new projector (matched to the LLM's embeddings unless the recipe says otherwise), or the previous stage's /
+    a given adapter loaded into it (read by rank 0, checked, shared)."""
     torch.manual_seed(run.recipe.runtime.seed)
     projector = build_projector(run.recipe.projector, run.row_shape[-1], run.spec.hidden_size)
     source = previous if stage.init_from == "previous" else (Path(stage.init_from) if stage.init_from else None)
     if source is None:
-        return projector
+        return matched_projector(run, projector, data) if run.recipe.projector_init == "matched" else projector
 
     def read() -> dict:
         config, state = load_adapter(source)
@@ -152,13 +181,13 @@ def initial_projector(run: Run, stage: Stage, previous: Path | None) -> torch.nn
     return projector
 
 
-def make_engine(run: Run, stage: Stage, previous: Path | None, total: int):
+def make_engine(run: Run, stage: Stage, previous: Path | None, total: int, data: StageData):
     """The projector under DeepSpeed with AdamW and the stage's schedule; returns (engine, scheduler)."""
     import deepspeed
 
     runtime = run.recipe.runtime
     micro_per_rank = stage.global_batch_size // (stage.micro_batch_size * run.ranks.world)
-    projector = initial_projector(run, stage, previous)
+    projector = initial_projector(run, stage, previous, data)
     optimizer = torch.optim.AdamW(parameter_groups(projector, stage.weight_decay), lr=stage.lr.init_lr)
     on_gpu = run.device.type == "cuda"
     ds_config = {
@@ -357,6 +386,8 @@ def run_steps(run: Run, stage: Stage, data: StageData, engine, scheduler, start:
                                "{task.fields[samples]} samples/s", unit="steps")
     with StopOnInterrupt() as stop, Progress(*columns, disable=not (show_progress and run.main)) as bar:
         task = bar.add_task(stage.name, total=total, completed=start, loss="-", samples="-")
+        if ask_benchmark is not None and stage.eval.at_start and start == 0:
+            ask_benchmark(0)
         for step in range(start, total):
             epoch = step // data.steps_per_epoch
             started = time.perf_counter()
@@ -426,7 +457,7 @@ def train_stage(run: Run, stage: Stage, previous: Path | None, resume: bool, sho
         return adapter_dir
     data = stage_data(run, stage, show_progress, resume)
     total = stage.epochs * data.steps_per_epoch
-    engine, scheduler = make_engine(run, stage, previous, total)
+    engine, scheduler = make_engine(run, stage, previous, total, data)
     checkpoints = stage_dir / CHECKPOINTS
     start, stats = restore(run, engine, scheduler, checkpoints) if resume else (0, Stats())
     if resume and run.main:
@@ -503,7 +534,7 @@ def open_stage(recipe: Recipe, steps: int) -> OpenStage:
               FeatureStore.read_meta(recipe.features))
     run.model = VisionLLM(load_run_llm(run), torch.nn.Identity())
     data = stage_data(run, stage, False)
-    engine, _ = make_engine(run, stage, None, steps)
+    engine, _ = make_engine(run, stage, None, steps, data)
     return OpenStage(run, stage, data, engine)
 
 

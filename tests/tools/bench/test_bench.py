@@ -41,7 +41,7 @@ def test_bench_load_llm_measures_an_official_layout(tmp_path):
 
 
 def test_results_never_overwrite_each_other_and_record_the_load(tmp_path):
-    from align.tools.bench.bench import write_result
+    from align.tools.results import write_result
 
     first = write_result({"bench": "x"}, tmp_path, "x")[1]
     second = write_result({"bench": "x"}, tmp_path, "x")[1]

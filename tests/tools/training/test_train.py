@@ -290,6 +290,10 @@ def test_recipe_errors_are_clear(tmp_path):
         load_recipe(recipe, ["runtime.precision=fp8", "stages.chat.lr.init_lr=-1"])
     with pytest.raises(RecipeError, match="no item 'stage9'"):
         load_recipe(recipe, ["stages.stage9.epochs=1"])
+    with pytest.raises(RecipeError, match="at_start asks the benchmark: give eval a benchmark"):
+        load_recipe(recipe, ["stages.chat.eval={data: [{manifest: data/captions.jsonl}], at_start: true}"])
+    with pytest.raises(RecipeError, match="projector_init: Input should be 'matched' or 'default'"):
+        load_recipe(recipe, ["projector_init=xavier"])
     for escape in ("..", "."):  # a stage is a folder under the output directory: never outside it
         with pytest.raises(RecipeError, match="stages.0.name"):
             load_recipe(recipe, [f"stages.caption.name={escape}"])
@@ -511,7 +515,7 @@ def test_a_benchmark_asked_during_training_answers_as_align_eval_does_afterwards
     questions.write_text("".join(json.dumps({"image": str(images / f"{i}.png"), "question": "What colour is it?",
                                              "answers": ["red"]}) + "\n" for i in range(6)))
     sets = workspace["sets"] + ["stages.chat.eval={benchmark: {kind: jsonl, files: {data: %s}, limit: 4}, every: 2, "
-                                "keep_best: jsonl/exact_match}" % questions]
+                                "at_start: true, keep_best: jsonl/exact_match}" % questions]
     with pytest.raises(AlignError, match="eval.benchmark needs an evaluator"):
         train(workspace["recipe"], overrides=sets, show_progress=False)
     train(workspace["recipe"], overrides=sets, show_progress=False, overwrite=True, evaluator=evaluate_during_training)
@@ -524,7 +528,44 @@ def test_a_benchmark_asked_during_training_answers_as_align_eval_does_afterwards
     after = evaluate_adapter(align_jsonl(questions, None), workspace["run"] / "chat" / "adapter", tmp_path / "after",
                              features=workspace["features"], limit=4, device="cpu", progress=False)
     assert [r["answer"] for r in during] == list(after.answers.values())
+    # at_start: asked before the chat stage's first step, of the projector it starts from (the caption adapter).
+    start = json.loads((workspace["run"] / "chat" / "eval" / "step00000000" / "results.json").read_text())
+    before = evaluate_adapter(align_jsonl(questions, None), workspace["run"] / "caption" / "adapter", tmp_path / "before",
+                              features=workspace["features"], limit=4, device="cpu", progress=False)
+    assert [r["answer"] for r in start] == list(before.answers.values())
     best = json.loads((workspace["run"] / "chat" / "best" / "best.json").read_text())
     scores = {r["step"]: r["eval"]["jsonl/exact_match"] for r in asked}
     assert best["metric"] == "jsonl/exact_match" and best["value"] == max(scores.values())
     assert best["step"] == min(s for s, v in scores.items() if v == best["value"])  # the first of equals is kept
+
+
+@pytest.mark.slow
+def test_a_new_projector_starts_matched_to_the_llm_input_embeddings(workspace, tmp_path):
+    from safetensors.torch import load_file as read_weights
+
+    from align.adapters.projector import build_projector, embedding_statistics
+    from align.tools.feature_store import FeatureStore
+
+    store = FeatureStore.open(workspace["features"])
+    images = Path(workspace["manifest"]).parent
+    features = torch.cat([torch.from_numpy(store.get(store.locate(images / f"{i}.png"))[0]).float() for i in range(16)])
+    embeddings = read_weights(str(workspace["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
+    mean, spread = embedding_statistics(embeddings)
+    frozen = [f"stages.{s}.{k}" for s in ("caption", "chat") for k in ("epochs=1", "steps_per_epoch=1",
+              "lr={init_lr: 1.0e-30, min_lr: 0, warmup_lr: 0, warmup_steps: 0}")]
+    starts = {}
+    for init in ("matched", "default"):
+        run = tmp_path / init
+        train(workspace["recipe"], overrides=workspace["sets"] + frozen + [f"projector_init={init}",
+              f"runtime.output_dir={run}"], show_progress=False)
+        starts[init] = load_adapter(run / "caption" / "adapter")[1]  # a rate of 1e-30: the weights it started with
+    width = features.shape[-1]
+    torch.manual_seed(0)
+    pytorch_init = build_projector("linear", width, 32).state_dict()
+    assert all(torch.equal(v, pytorch_init[k]) for k, v in starts["default"].items())
+    projector = build_projector("linear", width, 32)
+    projector.load_state_dict(starts["matched"])
+    out = projector(features).detach()
+    # Matched on the stage's first samples (here all of the store's images): the words' mean and spread.
+    assert torch.allclose(out.mean(0), mean, atol=0.02 * spread + 1e-6)
+    assert float((out - out.mean(0)).square().mean().sqrt()) == pytest.approx(spread, rel=0.1)
