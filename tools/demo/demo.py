@@ -10,6 +10,7 @@ shape with the untrained projector and after each stage.
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import yaml
 from rich.progress import Progress
 from transformers.utils import logging as transformers_logging
 
+from align.backbones.dtypes import native_bf16_cpu
 from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.spec import BackboneSpec
@@ -215,6 +217,8 @@ def write_recipe(ws: Path, spec: BackboneSpec, seed: int) -> tuple[Path, list[st
     # A recipe's output folder is relative to where `align train` runs; the workspace's runs go inside it.
     body = body.replace("  output_dir: runs\n", f"  output_dir: {ws / 'runs'}\n")
     body = body.replace(f"backbone: {{name: {PREFERRED}}}\n", f"backbone: {{name: {spec.name}}}\n")
+    if spec.name != TINY and native_bf16_cpu():
+        body = re.sub(r"(?m)^  precision: fp32 .*$", "  precision: bf16                        # this CPU computes bf16 natively", body)
     recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
     return recipe, [stage["name"] for stage in yaml.safe_load(body)["stages"]]
 

@@ -221,13 +221,14 @@ def read_benchmark(kind: str, files: dict) -> Benchmark:
 
 
 def evaluate_during_training(kind: str, files: dict, limit: int | None, pipeline: Pipeline, out: Path, ranks: Ranks,
-                             features: Path, prompt: str | None = None, max_new_tokens: int | None = None) -> dict:
+                             features: Path, prompt: str | None = None, max_new_tokens: int | None = None,
+                             batch_size: int = 8) -> dict:
     """The seam the trainer calls: a benchmark's scores for the projector as it is now, its images from the run's
     store, as `{"<kind>/<metric>": value}` (top-level numbers; rank 0's, empty elsewhere). `prompt` and
     `max_new_tokens` replace the benchmark's own when given."""
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.0) if max_new_tokens else None
     row = evaluate_pipeline(read_benchmark(kind, files), pipeline, out, ranks=ranks, features=features, limit=limit,
-                            prompt=prompt, options=options, progress=False)
+                            batch_size=batch_size, prompt=prompt, options=options, progress=False)
     return {f"{kind}/{k}": v for k, v in row.scores.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("questions", "images")}
 

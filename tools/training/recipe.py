@@ -67,6 +67,7 @@ class EvalBenchmark(Strict):
     limit: int | None = Field(200, gt=0, description="a fixed, seeded subsample of this many questions")
     prompt: str | None = Field(None, description="what is asked with each image (default: the benchmark's own)")
     max_new_tokens: int | None = Field(None, gt=0, description="the answers' length limit (default: the benchmark's)")
+    batch_size: int = Field(8, gt=0, description="questions per generation batch")
 
     def missing(self) -> list[Path]:
         """Its files (and folders) that do not exist: found before training starts, not hours into it."""

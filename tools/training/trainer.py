@@ -371,7 +371,8 @@ class BenchmarkAsker:
         run.model.eval()
         try:
             return run.evaluator(benchmark.kind, dict(benchmark.files), benchmark.limit, pipeline, out, run.ranks,
-                                 run.recipe.features, prompt=benchmark.prompt, max_new_tokens=benchmark.max_new_tokens)
+                                 run.recipe.features, prompt=benchmark.prompt, max_new_tokens=benchmark.max_new_tokens,
+                                 batch_size=benchmark.batch_size)
         finally:
             run.model.train(training)
 

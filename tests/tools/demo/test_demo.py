@@ -19,7 +19,7 @@ def demo(tmp_path_factory):
     """One `align demo` run: its workspace, JSON report and the ALIGN_HOME it ran with."""
     root = tmp_path_factory.mktemp("demo")
     out, home = root / "ws", root / "home"
-    result = run_align("demo", "--out", out, "--json", home=home, timeout=1800)  # a safety net, not a speed check
+    result = run_align("demo", "--out", out, "--json", "--results", root / "results", home=home, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads(result.stdout), home  # stdout is the one JSON object and nothing else
 
@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     out, report, home = demo
-    assert set(report) == {"backbone", "held_out", "accuracy", "cider", "seconds", "workspace"}
+    assert set(report) == {"backbone", "held_out", "accuracy", "cider", "seconds", "workspace", "curve"}
     assert report["backbone"] == "demo-tiny"
     assert report["cider"]["stage2"] > report["cider"]["untrained"]  # align eval's CIDEr of the same answers
     assert (out / "runs" / "curves.png").is_file() and (out / "eval" / "stage2" / "scores.json").is_file()
@@ -37,10 +37,30 @@ def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     assert report["workspace"] == str(out.resolve())
     # The pipeline a user runs: a recipe that says how to run it, a store, one adapter per stage.
     assert (out / "recipe.yaml").read_text().startswith(f"# align train {out.resolve() / 'recipe.yaml'}")
-    assert json.loads((out / "features" / "meta.json").read_text())["count"] == 480
+    assert json.loads((out / "features" / "meta.json").read_text())["count"] == 528  # 480 training, 48 held out
     for stage in ("caption", "chat"):
         assert (out / "runs" / stage / "adapter" / "adapter.safetensors").is_file()
     assert not home.exists()  # nothing registered outside the workspace
+
+
+@pytest.mark.slow
+def test_demo_draws_its_learning_curve_from_the_evaluations_during_training(demo):
+    out, report, _ = demo
+    curve = report["curve"]
+    # Asked before the first step and every few steps, through the projector in training; its first point is the
+    # untrained row and its last the trained one: the saved adapters answer through align eval as they did in memory.
+    assert [p["step"] for p in curve] == [0, 100, 200, 300, 400, 500, 600, 650, 700, 750, 800, 850, 900]
+    assert curve[0]["both"] == report["accuracy"]["untrained"] and curve[-1]["both"] == report["accuracy"]["stage2"]
+    assert [p for p in curve if p["step"] == 600][0]["both"] == report["accuracy"]["stage1"]
+    assert all(0 <= p["both"] <= min(p["colour"], p["shape"]) <= 1 for p in curve)
+    seconds = [p["train_seconds"] for p in curve]
+    assert seconds[0] == 0 and seconds == sorted(seconds)
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [written] = (out.parent / "results").glob("demo-tiny-*.json")
+    figures = json.loads(written.read_text())
+    assert figures["curve"] == curve and figures["first_at_80_percent"]["both"] >= 0.8
+    assert {"versions", "measured_at", "device", "load_average_1_5_15_min"} <= set(figures)
+    assert written.with_suffix(".png").is_file()
 
 
 @pytest.mark.slow
