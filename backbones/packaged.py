@@ -107,8 +107,6 @@ def gguf_file(weights: PackagedWeights, given: Path | None, scratch: Path, say) 
 def convert_gguf(gguf: Path, out: Path, stamp: str = "") -> Path:
     """A GGUF file written as a transformers directory (weights dequantized to fp32 safetensors, tokenizer, chat
     template, and `stamp` in STAMP); the directory appears whole or not at all."""
-    if find_spec("gguf") is None:  # transformers reads GGUF through it
-        raise BackboneError(f"reading GGUF needs the gguf package: pip install 'align[{EXTRA}]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
@@ -131,6 +129,8 @@ def build_packaged(name: str, weights: PackagedWeights, given: Path | None, mode
     stamp = f"{weights.requirement} {weights.sha256}"
     if (out / STAMP).is_file() and (out / STAMP).read_text().strip() == stamp:
         return out
+    if find_spec("gguf") is None:  # transformers reads GGUF through it; said before anything is fetched
+        raise BackboneError(f"reading {name}'s GGUF needs the gguf package: pip install 'align[{EXTRA}]'")
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{name}-") as scratch:
         gguf = gguf_file(weights, given.expanduser().resolve() if given else None, Path(scratch), say)

