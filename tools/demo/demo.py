@@ -227,8 +227,8 @@ def write_figures(result: DemoResult, results_dir: Path) -> Path:
                "device": device_name(torch.device("cpu"))}
     name = result.backbone if result.backbone.startswith("demo-") else f"demo-{result.backbone}"
     _, path = write_result(figures, results_dir, name)
-    plot_curve({result.backbone: result.curve}, path.with_suffix(".png"),
-               f"align demo --backbone {result.backbone}: {result.held_out} held-out pictures")
+    plot_curve(result.curve, path.with_suffix(".png"), f"align demo --backbone {result.backbone}: {result.held_out} "
+               "held-out pictures")
     return path
 
 
@@ -265,7 +265,7 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
     accuracy, cider, examples = score(ws, held_out, stages, model, quiet)
     plot_run(ws / "runs")
     curve = learning_curve(ws / "runs", stages, [c for _, c in held_out])
-    plot_curve({spec.name: curve}, ws / "curve.png", f"align demo: {len(held_out)} held-out pictures")
+    plot_curve(curve, ws / "curve.png", f"align demo --backbone {spec.name}: {len(held_out)} held-out pictures")
     result = DemoResult(backbone=spec.name, held_out=len(held_out), accuracy=accuracy, cider=cider,
                         seconds=round(time.perf_counter() - started, 1), workspace=str(ws), curve=curve,
                         examples=examples)

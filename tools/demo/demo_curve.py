@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from align.constants import METRICS
-from align.tools.demo.demo_world import COLOURS, SHAPES, Content, names_correctly
+from align.tools.demo.demo_world import COLOURS, SHAPES, Content, named, names_correctly
 from align.tools.training.plot import read_metrics
 
 
@@ -14,12 +14,9 @@ def accuracy(answers: list[str], truth: list[Content]) -> dict[str, float]:
     def share(right) -> float:
         return round(sum(map(right, answers, truth)) / len(truth), 4)
 
-    def only(words: dict | tuple, word: str):
-        return lambda answer: set(answer.lower().replace(".", " ").replace(",", " ").split()) & set(words) == {word}
-
     return {"both": share(names_correctly),
-            "colour": share(lambda answer, content: only(COLOURS, content.colour)(answer)),
-            "shape": share(lambda answer, content: only(SHAPES, content.shape)(answer))}
+            "colour": share(lambda answer, content: named(answer, COLOURS) == {content.colour}),
+            "shape": share(lambda answer, content: named(answer, SHAPES) == {content.shape})}
 
 
 def answers_of(results: Path) -> list[str]:
@@ -54,28 +51,27 @@ def first_reaching(points: list[dict], share: float) -> dict | None:
     return next((point for point in points if point["both"] >= share), None)
 
 
-def plot_curve(curves: dict[str, list[dict]], out: Path, title: str) -> Path:
-    """Held-out accuracy against steps, one panel per backbone (both, colour, shape); the PNG's path."""
+def plot_curve(points: list[dict], out: Path, title: str) -> Path:
+    """Held-out accuracy against steps (colour and shape, colour, shape), the 80 % line and where the last stage
+    began; the PNG's path."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display is needed or used
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False, sharey=True)
-    for axis, (name, points) in zip(axes[0], curves.items()):
-        steps = [p["step"] for p in points]
-        for key, style in (("both", "-o"), ("colour", "--"), ("shape", ":")):
-            axis.plot(steps, [100 * p[key] for p in points], style, label=key if key != "both" else "colour and shape")
-        for stage_start in sorted({p["step"] for p in points if p["stage"] != points[-1]["stage"]})[-1:]:
-            if stage_start:
-                axis.axvline(stage_start, color="grey", linewidth=0.6)
-        axis.axhline(80, color="red", linewidth=0.6, linestyle="--")
-        minutes = points[-1]["train_seconds"] / 60
-        axis.set_title(f"{name}: {points[-1]['step']} steps, {minutes:.1f} min of training", fontsize=10)
-        axis.set_xlabel("optimizer steps")
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out pictures right (%)")
-    axes[0][0].legend(loc="lower right", fontsize=8)
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    steps = [p["step"] for p in points]
+    for key, style, label in (("both", "-o", "colour and shape"), ("colour", "--", "colour"), ("shape", ":", "shape")):
+        axis.plot(steps, [100 * p[key] for p in points], style, label=label)
+    earlier = [p["step"] for p in points if p["stage"] not in ("untrained", points[-1]["stage"])]
+    if earlier:
+        axis.axvline(max(earlier), color="grey", linewidth=0.6)
+    axis.axhline(80, color="red", linewidth=0.6, linestyle="--")
+    axis.set_title(f"{points[-1]['step']} steps, {points[-1]['train_seconds'] / 60:.1f} min of training", fontsize=10)
+    axis.set_xlabel("optimizer steps")
+    axis.set_ylabel("held-out pictures right (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,11 @@ def conversation(content: Content, rng: random.Random, turns: int = 2) -> list[t
     return [(q, a.format(colour=content.colour, shape=content.shape)) for q, a in rng.sample(QUESTIONS, turns)]
 
 
+def named(answer: str, vocabulary) -> set[str]:
+    """The words of `vocabulary` (colours or shapes) the answer names."""
+    return set(answer.lower().replace(".", " ").replace(",", " ").split()) & set(vocabulary)
+
+
 def names_correctly(answer: str, content: Content) -> bool:
     """The answer names the picture's colour and shape, and no other colour or shape."""
-    words = set(answer.lower().replace(".", " ").replace(",", " ").split())
-    return (words & set(COLOURS)) == {content.colour} and (words & set(SHAPES)) == {content.shape}
+    return named(answer, COLOURS) == {content.colour} and named(answer, SHAPES) == {content.shape}
