@@ -548,7 +548,8 @@ def test_a_new_projector_starts_matched_to_the_llm_input_embeddings(workspace, t
 
     store = FeatureStore.open(workspace["features"])
     images = Path(workspace["manifest"]).parent
-    features = torch.cat([torch.from_numpy(store.get(store.locate(images / f"{i}.png"))[0]).float() for i in range(16)])
+    rows = [store.get(store.locate(images / f"{i}.png"))[0] for i in range(16)]
+    features = torch.cat([torch.tensor(row, dtype=torch.float32) for row in rows])
     embeddings = read_weights(str(workspace["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
     mean, spread = embedding_statistics(embeddings)
     frozen = [f"stages.{s}.{k}" for s in ("caption", "chat") for k in ("epochs=1", "steps_per_epoch=1",
