@@ -136,7 +136,7 @@ def parameter_groups(projector: torch.nn.Module, weight_decay: float) -> list[di
 MATCH_SAMPLES = 256
 
 
-def embedding_table(run: Run) -> tuple[torch.Tensor, float]:
+def llm_embedding_statistics(run: Run) -> tuple[torch.Tensor, float]:
     """The frozen LLM's input embedding statistics (`embedding_statistics`), the table gathered once under ZeRO-3."""
     weight = run.model.llm.get_input_embeddings().weight
     if getattr(weight, "ds_id", None) is None:
@@ -155,7 +155,7 @@ def matched_projector(run: Run, projector: torch.nn.Module, data: StageData) -> 
     if not rows:
         return projector
     features = torch.from_numpy(np.concatenate(rows).astype(np.float32))
-    mean, spread = embedding_table(run)
+    mean, spread = llm_embedding_statistics(run)
     match_embeddings(projector, features, mean.cpu(), spread)
     return projector
 
