@@ -32,8 +32,8 @@ from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_DIR
 from align.errors import AlignError
 from align.tools.demo.demo_models import build_demo_encoder, build_demo_llm, build_demo_tokenizer, pretrain_text
-from align.tools.demo.demo_curve import answers_of, first_reaching, learning_curve, plot_curve
-from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content, names_correctly
+from align.tools.demo.demo_curve import answer_accuracy, answers_of, first_reaching, learning_curve, plot_curve
+from align.tools.demo.demo_world import DESCRIBE, Content, caption, conversation, draw, every_content
 from align.tools.evaluate.benchmarks import align_jsonl
 from align.tools.evaluate.evaluate import evaluate_adapter, score_predictions
 from align.tools.features.extract import extract_features
@@ -198,8 +198,7 @@ def score(ws: Path, held_out: list[tuple[Path, Content]], stages: list[str], mod
         answers[label] = (list(row.answers.values()), row.scores["CIDEr"])
     accuracy, cider, examples = {}, {}, []
     for label, (said, score_cider) in answers.items():
-        right = [names_correctly(answer, content) for answer, (_, content) in zip(said, held_out)]
-        accuracy[label] = round(sum(right) / len(held_out), 4)
+        accuracy[label] = answer_accuracy(said, [content for _, content in held_out])["both"]
         cider[label] = round(score_cider, 4)
         examples += [{"projector": label, "image": str(path.relative_to(ws)), "truth": content.words, "answer": answer}
                      for (path, content), answer in list(zip(held_out, said))[:3]]
@@ -215,7 +214,8 @@ def write_recipe(ws: Path, spec: BackboneSpec, seed: int) -> tuple[Path, list[st
     body = body.replace("  output_dir: runs\n", f"  output_dir: {ws / 'runs'}\n")
     body = body.replace(f"backbone: {{name: {PREFERRED}}}\n", f"backbone: {{name: {spec.name}}}\n")
     if spec.name != TINY and native_bf16_cpu():
-        body = re.sub(r"(?m)^  precision: fp32 .*$", "  precision: bf16                        # this CPU computes bf16 natively", body)
+        native = "  precision: bf16                        # this CPU computes bf16 natively"
+        body = re.sub(r"(?m)^  precision: fp32 .*$", native, body)
     recipe.write_text(f"# align train {recipe} --set runtime.seed={seed}\n{body}", encoding="utf-8")
     return recipe, [stage["name"] for stage in yaml.safe_load(body)["stages"]]
 

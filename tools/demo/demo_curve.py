@@ -9,7 +9,7 @@ from align.tools.demo.demo_world import COLOURS, SHAPES, Content, named, names_c
 from align.tools.training.plot import read_metrics
 
 
-def accuracy(answers: list[str], truth: list[Content]) -> dict[str, float]:
+def answer_accuracy(answers: list[str], truth: list[Content]) -> dict[str, float]:
     """The share of answers naming colour and shape right (and nothing else), the colour alone, the shape alone."""
     def share(right) -> float:
         return round(sum(map(right, answers, truth)) / len(truth), 4)
@@ -41,7 +41,7 @@ def learning_curve(runs: Path, stages: list[str], truth: list[Content]) -> list[
         for folder in sorted((runs / stage / "eval").glob("step*")):
             step = start + int(folder.name.removeprefix("step"))
             points.append({"step": step, "stage": "untrained" if step == 0 else stage,
-                           **accuracy(answers_of(folder / "results.json"), truth),
+                           **answer_accuracy(answers_of(folder / "results.json"), truth),
                            "train_seconds": round(seconds_at[step], 1)})
     return points
 
