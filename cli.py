@@ -606,6 +606,44 @@ def caption(
     _print_record(summary.as_dict(), as_json)
 
 
+@app.command("serve")
+def serve(
+    adapter: AdapterArg,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+    dtype: LlmDtypeOpt = None,
+    quantization: QuantizationOpt = "none",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one, printed).")] = 7860,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the web UI at /.")] = True,
+    api: Annotated[bool, typer.Option("--api/--no-api", help="Serve the OpenAI-compatible API under /v1.")] = True,
+    api_key: Annotated[Optional[str], typer.Option(envvar="ALIGN_API_KEY", help="Key API clients must send (Authorization: Bearer KEY); also read from $ALIGN_API_KEY.")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(help="Folder API requests may name local images under (path or file://); without it only data: URLs.")] = None,
+    examples: Annotated[Optional[list[Path]], typer.Option(help="Example image (or folder of them) offered in the web UI; repeat for more.")] = None,
+    served_name: Annotated[Optional[str], typer.Option(help="Model name the API lists and answers to (default: the backbone's name).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more are refused with 503.")] = 32,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB (413 past it).")] = 20,
+) -> None:
+    """Serve an adapter: a web UI to chat about images and an OpenAI-compatible API, from one loaded model."""
+    from align.backbones.llm import remote_code_opt_in
+    try:
+        from align.tools.serving.chat_request import Limits
+        from align.tools.serving.server import serve as run
+    except ImportError as exc:  # gradio, fastapi and uvicorn come with the [serve] extra
+        raise AlignError(f"align serve needs its extra: pip install 'align-vlm[serve]' ({exc})") from None
+
+    if max_queue < 1 or max_body_mb <= 0:
+        raise AlignError("--max-queue must be at least 1 and --max-body-mb positive")
+    limits = Limits(max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20))
+    with remote_code_opt_in(REMOTE_CODE_FLAG):
+        run(adapter, model=model, encoder=encoder, device=device, dtype=dtype, quantization=quantization,
+            trust_remote_code=trust_remote_code, host=host, port=port, ui=ui, api=api, api_key=api_key,
+            image_root=image_root, examples=examples or [], served_name=served_name, limits=limits,
+            say=lambda text: print(text, flush=True))
+
+
 EvalAdapters = Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter to generate answers with (repeat for a side-by-side table).")]
 EvalPredictions = Annotated[Optional[Path], typer.Option(help="Only score this predictions file (the benchmark's results format, from any model).")]
 EvalOut = Annotated[Optional[Path], typer.Option(help="Folder for answers, the results file and scores (continued when rerun).")]

@@ -1,6 +1,7 @@
 """Generation from rendered prompts: left-padded batches, the template's stop ids and stop strings, token streaming."""
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,13 +19,16 @@ from align.templates.text_tokenizer import TextTokenizer
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How to pick tokens; temperature 0 is greedy (beam search when num_beams > 1)."""
+    """How to pick tokens and when to stop; temperature 0 is greedy (beam search when num_beams > 1). `stop` adds
+    stop strings to the template's; `seed` makes sampling repeatable."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 0.9
     num_beams: int = 1
     repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
 
     def __post_init__(self):
         problems = [f"{name.replace('_', ' ')} must be a finite number, not {value}"
@@ -42,6 +46,8 @@ class GenerationOptions:
             problems.append(f"beams must be at least 1, not {self.num_beams}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition penalty must be positive, not {self.repetition_penalty}")
+        if any(not stop for stop in self.stop):
+            problems.append("a stop string must not be empty")
         if problems:
             raise AlignError("; ".join(problems))
 
@@ -62,6 +68,10 @@ class Stops:
 
     ids: tuple[int, ...]
     strings: tuple[str, ...]
+
+    def adding(self, strings: tuple[str, ...]) -> "Stops":
+        """These stops and `strings` too."""
+        return Stops(self.ids, self.strings + tuple(s for s in strings if s not in self.strings))
 
     def cut(self, text: str) -> str:
         """The text before the first stop string."""
@@ -86,9 +96,19 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _OnEvent(StoppingCriteria):
+    """Ends every sequence once `event` is set: a client that went away frees the model at the next token."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class _TextStream(BaseStreamer):
-    """Hands `on_text` each new piece of reply text as tokens arrive, holding back what may be a stop string
-    or half of a multi-byte character."""
+    """Hands `on_text` each new piece of reply text as tokens arrive, holding back what may be a stop string,
+    half of a multi-byte character or trailing spaces."""
 
     def __init__(self, tokenizer: TextTokenizer, stops: Stops, on_text: Callable[[str], None]):
         self.tokenizer, self.stops, self.on_text = tokenizer, stops, on_text
@@ -117,8 +137,9 @@ class _TextStream(BaseStreamer):
             cut = cut[:len(cut) - self.stops.held_back(cut)]
             if cut.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
                 cut = cut[:-1]
-        if final or self.stopped:
-            cut = cut.rstrip()
+        # Stripped as the whole reply is, and trailing spaces wait for what follows them: the pieces shown add up to
+        # exactly the reply returned.
+        cut = cut.strip()
         if len(cut) > self.shown:
             self.on_text(cut[self.shown:])
             self.shown = len(cut)
@@ -156,20 +177,43 @@ class TurnCache:
         return self.kv
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Reply:
+    """One generated reply: its text, how many ids were generated (a stop id included) and why it ended: "stop"
+    (a stop id or string), "length" (max_new_tokens) or "cancelled"."""
+
+    text: str
+    tokens: int
+    finish: str
+
+
 def generate(
     model: VisionLLM, tokenizer: TextTokenizer, prompts: list[Rendered], features: torch.Tensor, stops: Stops,
     options: GenerationOptions, on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None,
 ) -> list[str]:
+    """The text of one reply per prompt (see `generate_replies`)."""
+    return [reply.text for reply in generate_replies(model, tokenizer, prompts, features, stops, options, on_text, cache)]
+
+
+@torch.inference_mode()
+def generate_replies(
+    model: VisionLLM, tokenizer: TextTokenizer, prompts: list[Rendered], features: torch.Tensor, stops: Stops,
+    options: GenerationOptions, on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None,
+    cancel: threading.Event | None = None,
+) -> list[Reply]:
     """One reply per prompt; prompts are left-padded into one batch; `features` fill the image slots in order.
-    With a `cache` (one prompt, no beam search), the last turn's keys and values are reused and kept for the next."""
+    With a `cache` (one prompt, no beam search), the last turn's keys and values are reused and kept for the next.
+    Setting `cancel` ends generation at the next token."""
     if on_text is not None and (len(prompts) != 1 or options.num_beams > 1):
         raise AlignError("streaming needs one prompt and no beam search (use --beams 1)")
+    stops = stops.adding(options.stop)
     device = model.llm.get_input_embeddings().weight.device
     batch = pad_batch(prompts, tokenizer.pad_id, left=True).to(device)
     input_ids, attention, longest = batch.input_ids, batch.attention_mask, batch.input_ids.shape[1]
     embeds = model.embed(input_ids, batch.image_mask, features.to(device))
     criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stops, longest)] if stops.strings else [])
+    if cancel is not None:
+        criteria.append(_OnEvent(cancel))
     streamer = _TextStream(tokenizer, stops, on_text) if on_text is not None else None
     # LLMs often have more embedding rows than the tokenizer has ids (padded for speed); those rows are never picked.
     rows = model.llm.get_output_embeddings().weight.shape[0]
@@ -179,6 +223,8 @@ def generate(
     if cache is not None and len(prompts) == 1 and options.num_beams == 1:
         config.return_dict_in_generate = True
         cached = cache.reusable(prompts[0])
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
     # input_ids go along with the embeddings so the repetition penalty also sees the prompt's text. Image slots and
     # padding hold placeholder ids (the pad id, a stop id for some backbones): they become an id past the logits,
     # which the penalty ignores, and are never embedded (the cache is not reused past an image slot).
@@ -193,5 +239,11 @@ def generate(
     replies = []
     for row in out[:, longest:].tolist():
         ends = [i for i, token in enumerate(row) if token in stops.ids]
-        replies.append(stops.cut(tokenizer.decode(row[:ends[0]] if ends else row)).strip())
+        decoded = tokenizer.decode(row[:ends[0]] if ends else row)
+        text = stops.cut(decoded).strip()
+        if ends or text != decoded.strip():
+            finish, tokens = "stop", (ends[0] + 1 if ends else len(row))
+        else:
+            finish, tokens = ("cancelled" if cancel is not None and cancel.is_set() else "length"), len(row)
+        replies.append(Reply(text, tokens, finish))
     return replies

@@ -16,6 +16,8 @@ from align.errors import AlignError
 # PIL's own default decompression-bomb threshold.
 DEFAULT_MAX_PIXELS = 89_478_485
 ImageInput = Union[str, Path, Image.Image]
+# What a folder of images is taken to hold (converters, examples).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 class BadImage(Exception):

@@ -9,6 +9,7 @@ print(pipe.generate("cat.jpg", "What is in this image?"))
 """
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from align.templates import Rendered, Template, render, resolve_controls, stop_i
 from align.templates.conversation import conversation_from_turns
 from align.tools.feature_store import FeatureStore
 from align.tools.images import ImageInput, read_image
-from align.tools.generation import GenerationOptions, Stops, TurnCache, generate
+from align.tools.generation import GenerationOptions, Reply, Stops, TurnCache, generate_replies
 from align.tools.runtime import local_device
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
@@ -123,17 +124,29 @@ class Pipeline:
 
     # -- prompts and generation ---------------------------------------------------------------------------------------
 
-    def prompt(self, turns: Sequence[Turn], with_image: bool, room: int = 0) -> Rendered:
+    @property
+    def system(self) -> str | None:
+        """The system text prompts get unless told otherwise (None when the template has no system role)."""
+        if not self.template.supports_system:
+            return None
+        return self.spec.system if self.spec.system is not None else self.template.default_system
+
+    def prompt(self, turns: Sequence[Turn], with_image: bool, room: int = 0, system: str | None = None,
+               drop_oldest: bool = True) -> Rendered:
         """The generation prompt for a conversation whose last question is unanswered; the image goes in the first
-        kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM; a
-        question alone gets what is left of the context for its reply, and is refused when nothing is."""
+        kept question, and the oldest exchanges are dropped when the prompt plus `room` would not fit the LLM (or,
+        without `drop_oldest`, the conversation is refused); a question alone gets what is left of the context for
+        its reply, and is refused when nothing is. `system` replaces the backbone's system text."""
         turns = list(turns)
         while True:
-            conversation = conversation_from_turns(turns, with_image)
+            conversation = replace(conversation_from_turns(turns, with_image), system=system)
             rendered = render(self.template, conversation, self.tokenizer, system=self.spec.system,
                               num_query_tokens=self.adapter.num_query_tokens)
             if self.max_positions is None or len(rendered.input_ids) + room <= self.max_positions:
                 return rendered
+            if not drop_oldest:
+                raise AlignError(f"the conversation takes {len(rendered.input_ids)} tokens; with {room} for the reply "
+                                 f"that is past the model's context of {self.max_positions}")
             if len(turns) == 1:
                 if len(rendered.input_ids) < self.max_positions:
                     return rendered
@@ -145,12 +158,19 @@ class Pipeline:
                        on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None) -> list[str]:
         """Replies to rendered prompts (left-padded into one batch); `features` fill their image slots in order. A
         reply never runs past the model's context."""
+        return [reply.text for reply in self.replies(prompts, features, options, on_text, cache)]
+
+    def replies(self, prompts: list[Rendered], features: torch.Tensor, options: GenerationOptions,
+                on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None,
+                cancel: threading.Event | None = None) -> list[Reply]:
+        """`generate_batch` with each reply's token count and why it ended; setting `cancel` ends it early."""
         if self.max_positions is not None:
             room = self.max_positions - max(len(p.input_ids) for p in prompts)
             if room < 1:
                 raise AlignError(f"the prompt fills the model's context of {self.max_positions}: ask a shorter one")
             options = replace(options, max_new_tokens=min(options.max_new_tokens, room))
-        return generate(self.model, self.tokenizer, prompts, features, self.stops, options, on_text, cache)
+        return generate_replies(self.model, self.tokenizer, prompts, features, self.stops, options, on_text, cache,
+                                cancel)
 
     def generate(self, image: ImageInput | None, question: str, options: GenerationOptions | None = None,
                  on_text: Callable[[str], None] | None = None) -> str:

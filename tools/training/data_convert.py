@@ -12,9 +12,9 @@ from align.errors import AlignError
 from align.named import Registry
 from align.words import counted
 from align.files import read_json_object, writing
+from align.tools.images import IMAGE_SUFFIXES
 from align.tools.rejects import RejectLog, rejects_path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MINIGPT4_PLACEHOLDER = "<Img><ImageHere></Img>"
 
 # A converter yields (where, record) for good entries and (where, reason-string) for bad ones.
