@@ -205,6 +205,16 @@ def train_workspace(tmp_path_factory, sp_model_dir, hf_chatml_dir, tiny_blip2):
             "llama": root / "llama", "qwen2": root / "qwen2"}
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """One `align demo` run (the demo's tests and serving's share it): its workspace, JSON report and ALIGN_HOME."""
+    root = tmp_path_factory.mktemp("demo")
+    out, home = root / "ws", root / "home"
+    result = run_align("demo", "--out", out, "--json", "--results", root / "results", home=home, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads(result.stdout), home  # stdout is the one JSON object and nothing else
+
+
 def tiny_recipe(workspace: dict, folder: Path) -> tuple[Path, list[str]]:
     """recipes/tiny.yaml copied into `folder`, and the --set overrides that point it at a train_workspace."""
     import shutil

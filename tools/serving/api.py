@@ -28,7 +28,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 class BodyLimit:
-    """Refuses a request body over `max_bytes` with 413, by its Content-Length or as it arrives (ASGI middleware)."""
+    """Refuses a request body over `max_bytes` with 413: by its Content-Length, or, sent without one, as it arrives
+    (held until it ends, never past the limit, then handed on) (ASGI middleware)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -37,28 +38,30 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         too_large = error_response(413, f"the request body is over the limit of {self.max_bytes} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if headers.get(b"transfer-encoding") is None:  # no body at all
+            return await self.app(scope, receive, send)
+        held, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            held.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await too_large(scope, receive, send)
+        async def replay():
+            return held.pop(0) if held else await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def add_api(app: FastAPI, engine: Engine, *, served_name: str, limits: Limits, image_root: Path | None,
@@ -79,6 +82,12 @@ def add_api(app: FastAPI, engine: Engine, *, served_name: str, limits: Limits, i
             return error_response(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY'",
                                   code="invalid_api_key")
         return None
+
+    @app.get("/health")
+    async def health():
+        """For load balancers and people: up, and how busy (no key needed)."""
+        return {"status": "ok", "model": served_name, "waiting": engine.waiting, "finished": engine.finished,
+                "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -45,15 +45,18 @@ class Job:
     """One queued request: pieces of text (str), then a Done or an AlignError, delivered to a thread or an event
     loop; `cancel` drops it from the queue or ends its generation at the next token."""
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, request: Request, engine: "Engine", loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
         self.cancelled = threading.Event()
+        self.queued = True  # until the worker takes it or it is cancelled (the engine's lock guards it)
+        self._engine = engine
         self._loop = loop
         self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
 
     def cancel(self) -> None:
-        """Give up on this request (a client that went away)."""
+        """Give up on this request (a client that went away): its queue place is free at once."""
         self.cancelled.set()
+        self._engine._leave_queue(self)
 
     def put(self, event: "str | Done | AlignError") -> None:
         """Hand an event to whoever waits (called by the worker)."""
@@ -91,6 +94,8 @@ class Engine:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0  # queued and not yet started
+        self.finished = 0  # requests answered to the end
+        self.cancelled = 0  # requests whose client left, before or during generation
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="align-serve-worker", daemon=True)
         self._worker.start()
@@ -106,9 +111,18 @@ class Engine:
             if self._waiting >= self.max_queue:
                 raise Busy(f"the server is busy: {self._waiting} requests are waiting; try again shortly")
             self._waiting += 1
-        job = Job(request, loop)
+        job = Job(request, self, loop)
         self._queue.put(job)
         return job
+
+    def _leave_queue(self, job: Job) -> bool:
+        """Count a job out of the waiting ones, once; False when it had already left (started or cancelled)."""
+        with self._lock:
+            if not job.queued:
+                return False
+            job.queued = False
+            self._waiting -= 1
+            return True
 
     def close(self) -> None:
         """Stop the worker after the request it is on."""
@@ -117,12 +131,16 @@ class Engine:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            with self._lock:
-                self._waiting -= 1
-            if job.cancelled.is_set():
+            if not self._leave_queue(job):  # cancelled while it waited
+                self.cancelled += 1
                 continue
             try:
-                job.put(self._generate(job))
+                done = self._generate(job)
+                if done.reply.finish == "cancelled":
+                    self.cancelled += 1
+                else:
+                    self.finished += 1
+                job.put(done)
             except AlignError as exc:
                 job.put(exc)
             except Exception as exc:  # the server keeps serving: the request fails with a one-line reason

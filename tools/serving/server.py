@@ -92,7 +92,11 @@ def serve(adapter: Path, *, model: Path | None = None, encoder: Path | None = No
         name = served_name or pipeline.spec.name
         lines = ([f"web UI: {where}/"] if ui else []) + ([f"API:    {where}/v1 (OpenAI-compatible, model '{name}')"] if api else [])
         say("\n".join(lines + ["Ctrl-C stops the server."]))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again for whoever called it
+            pass
+        say("server stopped")
     finally:
         sock.close()
         if engine is not None:

@@ -14,16 +14,6 @@ from align.tools.demo.demo_world import Content, names_correctly
 from conftest import run_align
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One `align demo` run: its workspace, JSON report and the ALIGN_HOME it ran with."""
-    root = tmp_path_factory.mktemp("demo")
-    out, home = root / "ws", root / "home"
-    result = run_align("demo", "--out", out, "--json", "--results", root / "results", home=home, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, json.loads(result.stdout), home  # stdout is the one JSON object and nothing else
-
-
 @pytest.mark.slow
 def test_demo_trains_a_projector_that_names_held_out_shapes(demo):
     out, report, home = demo
