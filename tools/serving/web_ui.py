@@ -8,8 +8,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from PIL import Image
+
 from align.errors import AlignError
 from align.tools.generation import GenerationOptions
+from align.tools.images import BadImage, decode_image, image_bytes
 from align.tools.serving.engine import Done, Engine, Request
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it phones home otherwise
@@ -87,8 +90,8 @@ def build_ui(engine: Engine, *, adapter: Path, examples: list[Path]) -> gr.Block
                 prompt = pipeline.prompt([*turns, (text, None)], picture is not None, options.max_new_tokens,
                                          system=system_text(chosen[-1]))
                 features = conversation["features"] if picture is not None else None
-                job = engine.submit(Request(prompt, options, image=picture if features is None else None,
-                                            features=features))
+                image = uploaded(picture) if picture is not None and features is None else None
+                job = engine.submit(Request(prompt, options, image=image, features=features))
             except (AlignError, ValueError) as exc:
                 yield gr.skip(), gr.skip(), conversation, ERROR_PREFIX + str(exc)
                 return
@@ -104,8 +107,8 @@ def build_ui(engine: Engine, *, adapter: Path, examples: list[Path]) -> gr.Block
                     written += event
                     shown[-1] = {"role": "assistant", "content": written}
                     yield box, shown, conversation, ""
-            except AlignError as exc:
-                yield box, messages(turns), conversation, ERROR_PREFIX + str(exc)
+            except AlignError as exc:  # the question goes back in its box, to try again
+                yield text if clear_box else gr.skip(), messages(turns), conversation, ERROR_PREFIX + str(exc)
             finally:
                 job.cancel()  # the tab was closed or the event cancelled: free the model
 
@@ -122,12 +125,20 @@ def build_ui(engine: Engine, *, adapter: Path, examples: list[Path]) -> gr.Block
 
         outputs = [question, chatbot, state, status]
         for trigger in (question.submit, send.click):
-            trigger(ask, [question, image, state, *settings], outputs)
-        regenerate.click(again, [image, state, *settings], outputs)
+            trigger(ask, [question, image, state, *settings], outputs, show_progress_on=[chatbot])
+        regenerate.click(again, [image, state, *settings], outputs, show_progress_on=[chatbot])
         clear.click(forget, [state], [chatbot, state, status])
         chatbot.clear(forget, [state], [chatbot, state, status])  # the chat's own bin icon
         image.change(new_image, [image], [chatbot, state, status])
     return page
+
+
+def uploaded(path: str) -> Image.Image:
+    """The picture a user uploaded, or one line on why it cannot be read (without gradio's temporary path)."""
+    try:
+        return decode_image(image_bytes(Path(path)), convert_modes=True)
+    except BadImage as exc:
+        raise AlignError(f"cannot read this image: {exc}") from None
 
 
 def options_from(chosen: tuple) -> GenerationOptions:
