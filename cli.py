@@ -606,6 +606,30 @@ def caption(
     _print_record(summary.as_dict(), as_json)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its chat adapter, LLM and encoder.")] = Path("align-demo"),
+    requests: Annotated[int, typer.Option(min=1, help="Streamed requests each client sends, one after another.")] = 6,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")] = 32,
+    dtype: LlmDtypeOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON result is written (default: WORKSPACE/bench/results).")] = None,
+) -> None:
+    """Time to first token and tokens/s of align serve's API for 1 and 8 concurrent clients; queueing vs batching."""
+    from align.tools.bench.serve_bench import bench_serve as run
+
+    result, path = run(workspace, requests=requests, max_tokens=max_tokens, dtype=dtype,
+                       out_dir=out_dir or workspace / RESULTS_IN_WORKSPACE)
+    queued, batched = result["queued"], result["batched"]
+    console.print(f"1 client: first token {batched['clients_1']['median_first_token_seconds']} s, "
+                  f"{batched['clients_1']['tokens_per_second_all_clients']} tokens/s; 8 clients: first token "
+                  f"{batched['clients_8']['median_first_token_seconds']} s (median) and "
+                  f"{batched['clients_8']['tokens_per_second_all_clients']} tokens/s in all batched, "
+                  f"{queued['clients_8']['median_first_token_seconds']} s and "
+                  f"{queued['clients_8']['tokens_per_second_all_clients']} tokens/s queued; "
+                  f"{result['batched_answers']['differing']} of {result['batched_answers']['requests']} greedy answers "
+                  f"differ batched → {path}", highlight=False)
+
+
 @app.command("serve")
 def serve(
     adapter: AdapterArg,
@@ -625,6 +649,7 @@ def serve(
     served_name: Annotated[Optional[str], typer.Option(help="Model name the API lists and answers to (default: the backbone's name).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more are refused with 503.")] = 32,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB (413 past it).")] = 20,
+    max_batch: Annotated[int, typer.Option(min=1, help="Waiting requests that decode alike generated together (1: one at a time).")] = 8,
 ) -> None:
     """Serve an adapter: a web UI to chat about images and an OpenAI-compatible API, from one loaded model."""
     from align.backbones.llm import remote_code_opt_in
@@ -641,7 +666,7 @@ def serve(
         run(adapter, model=model, encoder=encoder, device=device, dtype=dtype, quantization=quantization,
             trust_remote_code=trust_remote_code, host=host, port=port, ui=ui, api=api, api_key=api_key,
             image_root=image_root, examples=examples or [], served_name=served_name, limits=limits,
-            say=lambda text: print(text, flush=True))
+            max_batch=max_batch, say=lambda text: print(text, flush=True))
 
 
 EvalAdapters = Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter to generate answers with (repeat for a side-by-side table).")]

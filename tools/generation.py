@@ -2,8 +2,8 @@
 
 import math
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -51,6 +51,10 @@ class GenerationOptions:
         if problems:
             raise AlignError("; ".join(problems))
 
+    def as_record(self) -> dict:
+        """These options as JSON writes and reads them back (what a job file records)."""
+        return {**asdict(self), "stop": list(self.stop)}
+
     def config(self, stop_ids: list[int], pad_id: int, unused_ids: list[int]) -> GenerationConfig:
         """The transformers GenerationConfig for these options; `unused_ids` are never generated."""
         sampling = self.temperature > 0
@@ -84,44 +88,44 @@ class Stops:
         return max((k for stop in self.strings for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
 
 
-class _StopOnStrings(StoppingCriteria):
-    """Ends each sequence whose new text contains a stop string (stop ids are handled by eos_token_id)."""
+class _RowEnds(StoppingCriteria):
+    """Ends each row whose new text contains a stop string or whose `cancel` event is set (stop ids are handled by
+    eos_token_id), and remembers how many ids each row had generated when it ended: a batch pads ended rows."""
 
-    def __init__(self, tokenizer: TextTokenizer, stops: Stops, prompt_length: int):
-        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = [any(s in self.tokenizer.decode(row[self.prompt_length:].tolist()) for s in self.stops.strings)
-                for row in input_ids]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _OnEvent(StoppingCriteria):
-    """Ends every sequence once `event` is set: a client that went away frees the model at the next token."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, tokenizer: TextTokenizer, stops: Stops, prompt_length: int,
+                 cancel: "Sequence[threading.Event | None]"):
+        self.tokenizer, self.stops, self.prompt_length, self.cancel = tokenizer, stops, prompt_length, cancel
+        self.ended: list[int | None] = [None] * len(cancel)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_length
+        for i, row in enumerate(input_ids):
+            if self.ended[i] is None and (
+                    (self.cancel[i] is not None and self.cancel[i].is_set())
+                    or (self.stops.strings and any(s in self.tokenizer.decode(row[self.prompt_length:].tolist())
+                                                   for s in self.stops.strings))):
+                self.ended[i] = generated
+        return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
 
 
-class _TextStream(BaseStreamer):
-    """Hands `on_text` each new piece of reply text as tokens arrive, holding back what may be a stop string,
-    half of a multi-byte character or trailing spaces."""
+class _TextStream:
+    """Hands `on_text` each new piece of one row's reply text as tokens arrive, holding back what may be a stop
+    string, half of a multi-byte character or trailing spaces; nothing after the row's stop id (a batch pads it)."""
 
     def __init__(self, tokenizer: TextTokenizer, stops: Stops, on_text: Callable[[str], None]):
         self.tokenizer, self.stops, self.on_text = tokenizer, stops, on_text
         self.ids: list[int] = []
         self.shown = 0
-        self.prompt_seen = False
         self.stopped = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
+    def add(self, token: int) -> None:
+        if self.stopped:
             return
-        self.ids += [i for i in value.reshape(-1).tolist() if i not in self.stops.ids]
+        if token in self.stops.ids:
+            self._show(final=True)
+            self.stopped = True
+            return
+        self.ids.append(token)
         self._show(final=False)
 
     def end(self) -> None:
@@ -143,6 +147,27 @@ class _TextStream(BaseStreamer):
         if len(cut) > self.shown:
             self.on_text(cut[self.shown:])
             self.shown = len(cut)
+
+
+class _RowStreams(BaseStreamer):
+    """One text stream per row of the batch (None for a row nobody watches)."""
+
+    def __init__(self, streams: "list[_TextStream | None]"):
+        self.streams = streams
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        for stream, token in zip(self.streams, value.reshape(-1).tolist()):
+            if stream is not None:
+                stream.add(token)
+
+    def end(self) -> None:
+        for stream in self.streams:
+            if stream is not None:
+                stream.end()
 
 
 class TurnCache:
@@ -198,23 +223,25 @@ def generate(
 @torch.inference_mode()
 def generate_replies(
     model: VisionLLM, tokenizer: TextTokenizer, prompts: list[Rendered], features: torch.Tensor, stops: Stops,
-    options: GenerationOptions, on_text: Callable[[str], None] | None = None, cache: TurnCache | None = None,
-    cancel: threading.Event | None = None,
+    options: GenerationOptions, on_text: "Callable[[str], None] | Sequence[Callable[[str], None] | None] | None" = None,
+    cache: TurnCache | None = None, cancel: "threading.Event | Sequence[threading.Event | None] | None" = None,
 ) -> list[Reply]:
     """One reply per prompt; prompts are left-padded into one batch; `features` fill the image slots in order.
-    With a `cache` (one prompt, no beam search), the last turn's keys and values are reused and kept for the next.
-    Setting `cancel` ends generation at the next token."""
-    if on_text is not None and (len(prompts) != 1 or options.num_beams > 1):
-        raise AlignError("streaming needs one prompt and no beam search (use --beams 1)")
+    `on_text` streams a prompt's reply (one callable per prompt for a batch); setting a prompt's `cancel` event ends
+    its row at the next token. With a `cache` (one prompt, no beam search), the last turn's keys and values are
+    reused and kept for the next."""
+    on_texts = _per_prompt(on_text, len(prompts))
+    cancels = _per_prompt(cancel, len(prompts))
+    if any(on_texts) and options.num_beams > 1:
+        raise AlignError("streaming needs no beam search (use --beams 1)")
     stops = stops.adding(options.stop)
     device = model.llm.get_input_embeddings().weight.device
     batch = pad_batch(prompts, tokenizer.pad_id, left=True).to(device)
     input_ids, attention, longest = batch.input_ids, batch.attention_mask, batch.input_ids.shape[1]
     embeds = model.embed(input_ids, batch.image_mask, features.to(device))
-    criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stops, longest)] if stops.strings else [])
-    if cancel is not None:
-        criteria.append(_OnEvent(cancel))
-    streamer = _TextStream(tokenizer, stops, on_text) if on_text is not None else None
+    ends = _RowEnds(tokenizer, stops, longest, cancels) if stops.strings or any(cancels) else None
+    streamer = (_RowStreams([_TextStream(tokenizer, stops, f) if f is not None else None for f in on_texts])
+                if any(on_texts) else None)
     # LLMs often have more embedding rows than the tokenizer has ids (padded for speed); those rows are never picked.
     rows = model.llm.get_output_embeddings().weight.shape[0]
     unused = list(range(tokenizer.vocab_size, rows))
@@ -231,19 +258,37 @@ def generate_replies(
     penalised_ids = input_ids.masked_fill(batch.image_mask | (attention == 0), rows)
     out = model.llm.generate(
         input_ids=penalised_ids, inputs_embeds=embeds, attention_mask=attention, generation_config=config,
-        stopping_criteria=criteria, streamer=streamer, **({"cache": cached} if cached is not None else {}),
+        stopping_criteria=StoppingCriteriaList([ends] if ends is not None else []), streamer=streamer,
+        **({"cache": cached} if cached is not None else {}),
     )
     if config.return_dict_in_generate:
         cache.kv, out = out.cache, out.sequences
         cache.ids = prompts[0].input_ids + out[0, longest:].tolist()
     replies = []
-    for row in out[:, longest:].tolist():
-        ends = [i for i, token in enumerate(row) if token in stops.ids]
-        decoded = tokenizer.decode(row[:ends[0]] if ends else row)
+    for i, row in enumerate(out[:, longest:].tolist()):
+        first_stop = next((k for k, token in enumerate(row) if token in stops.ids), None)
+        ended = ends.ended[i] if ends is not None else None
+        decoded = tokenizer.decode(row[:first_stop] if first_stop is not None else row[:ended])
         text = stops.cut(decoded).strip()
-        if ends or text != decoded.strip():
-            finish, tokens = "stop", (ends[0] + 1 if ends else len(row))
+        if first_stop is not None and (ended is None or first_stop < ended):
+            finish, tokens = "stop", first_stop + 1
+        elif ended is not None:
+            cancelled = cancels[i] is not None and cancels[i].is_set() and text == decoded.strip()
+            finish, tokens = ("cancelled" if cancelled else "stop"), ended
         else:
-            finish, tokens = ("cancelled" if cancel is not None and cancel.is_set() else "length"), len(row)
+            finish, tokens = "length", len(row)
         replies.append(Reply(text, tokens, finish))
     return replies
+
+
+def _per_prompt(value, n: int) -> list:
+    """One value per prompt: a sequence as it is, a single value for a single prompt."""
+    if value is None:
+        return [None] * n
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} values for {n} prompts")
+        return list(value)
+    if n != 1:
+        raise AlignError("streaming or cancelling a batch needs one callable or event per prompt")
+    return [value]

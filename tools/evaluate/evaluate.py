@@ -11,7 +11,7 @@ import json
 import random
 import time
 from contextlib import ExitStack, closing, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,7 +95,7 @@ def evaluate_pipeline(benchmark: Benchmark, pipeline: Pipeline, out: Path, *, ra
         ranks.decide(lambda: _hold(held, out))
         job = {"benchmark": benchmark.kind, "questions": _digest([[q.id, str(q.image), q.text] for q in questions]),
                "adapter": pipeline.adapter.model_dump(mode="json"), "projector": pipeline.projector_digest(),
-               "prompt": prompt, "options": asdict(options)}
+               "prompt": prompt, "options": options.as_record()}
         done = set(ranks.decide(lambda: _continued(out, job)))
         pending = [q for q in questions if _key(q.id) not in done]
         started = time.perf_counter()

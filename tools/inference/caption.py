@@ -104,7 +104,7 @@ def caption_job(pipeline: Pipeline, manifest: Path, prompt: str, options: Genera
     """What decides a predictions file: the manifest, the adapter (its config and weights), the prompt, the
     generation options and the image root."""
     return {"manifest": str(Path(manifest).resolve()), "adapter": pipeline.adapter.model_dump(mode="json"),
-            "projector": pipeline.projector_digest(), "prompt": prompt, "options": asdict(options),
+            "projector": pipeline.projector_digest(), "prompt": prompt, "options": options.as_record(),
             "image_root": str(image_root.resolve()) if image_root else None}
 
 

@@ -87,7 +87,7 @@ def add_api(app: FastAPI, engine: Engine, *, served_name: str, limits: Limits, i
     async def health():
         """For load balancers and people: up, and how busy (no key needed)."""
         return {"status": "ok", "model": served_name, "waiting": engine.waiting, "finished": engine.finished,
-                "cancelled": engine.cancelled}
+                "cancelled": engine.cancelled, "batch_sizes": dict(sorted(engine.batch_sizes.items()))}
 
     @app.get("/v1/models")
     async def models(request: Request):

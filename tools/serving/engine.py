@@ -1,13 +1,15 @@
 """The one place requests meet the model: a bounded queue and a single worker thread that owns the pipeline, so
 concurrent requests never mix conversations and each one's text streams back to whoever waits for it.
 
-Requests are queued, not batched: `align bench serve` measured both (see its JSON), and a batch helps throughput only
-when requests arrive together with the same options, while it delays everyone's first token and ends no stream early.
+Requests waiting together that decode alike (the same options, no beam search, no seed) are generated as one
+left-padded batch, each row streaming to its own client: `align bench serve` measured queueing one at a time against
+batching (3.4x the tokens/s for 8 clients on SmolLM2-135M, the same answers). A batch of one is the plain queue.
 """
 
 import asyncio
 import queue
 import threading
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -87,73 +89,124 @@ class Job:
 
 
 class Engine:
-    """A single worker generating queued requests one at a time with one pipeline."""
+    """A single worker generating queued requests, batching those that decode alike (up to `max_batch`)."""
 
-    def __init__(self, pipeline: Pipeline, max_queue: int = 32):
+    def __init__(self, pipeline: Pipeline, max_queue: int = 32, max_batch: int = 8):
         self.pipeline = pipeline
-        self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self._jobs: deque[Job] = deque()
+        self._ready = threading.Condition()
         self._waiting = 0  # queued and not yet started
+        self._closing = False
         self.finished = 0  # requests answered to the end
         self.cancelled = 0  # requests whose client left, before or during generation
-        self._lock = threading.Lock()
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size were generated
         self._worker = threading.Thread(target=self._run, name="align-serve-worker", daemon=True)
         self._worker.start()
 
     @property
     def waiting(self) -> int:
-        """Requests queued behind the one being generated."""
+        """Requests queued behind those being generated."""
         return self._waiting
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Queue a request; Busy when `max_queue` are already waiting."""
-        with self._lock:
+        with self._ready:
             if self._waiting >= self.max_queue:
                 raise Busy(f"the server is busy: {self._waiting} requests are waiting; try again shortly")
+            job = Job(request, self, loop)
             self._waiting += 1
-        job = Job(request, self, loop)
-        self._queue.put(job)
+            self._jobs.append(job)
+            self._ready.notify()
         return job
+
+    def close(self) -> None:
+        """Stop the worker after the batch it is on."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._worker.join(timeout=60)
 
     def _leave_queue(self, job: Job) -> bool:
         """Count a job out of the waiting ones, once; False when it had already left (started or cancelled)."""
-        with self._lock:
+        with self._ready:
             if not job.queued:
                 return False
             job.queued = False
             self._waiting -= 1
+            if job.cancelled.is_set():
+                self.cancelled += 1
             return True
 
-    def close(self) -> None:
-        """Stop the worker after the request it is on."""
-        self._queue.put(None)
-        self._worker.join(timeout=60)
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest waiting job and the waiting ones that decode alike; None when closing."""
+        with self._ready:
+            while True:
+                while self._jobs and not self._jobs[0].queued:  # cancelled while waiting
+                    self._jobs.popleft()
+                if self._jobs:
+                    break
+                if self._closing:
+                    return None
+                self._ready.wait()
+            first = self._jobs.popleft()
+            batch = [first]
+            if self._batchable(first):
+                for job in list(self._jobs):
+                    if len(batch) == self.max_batch:
+                        break
+                    if job.queued and job.request.options == first.request.options and self._fits(batch + [job]):
+                        self._jobs.remove(job)
+                        batch.append(job)
+            for job in batch:
+                job.queued = False
+                self._waiting -= 1
+            self.batch_sizes[len(batch)] += 1
+            return batch
+
+    def _batchable(self, job: Job) -> bool:
+        options = job.request.options
+        return self.max_batch > 1 and options.num_beams == 1 and options.seed is None
+
+    def _fits(self, batch: list[Job]) -> bool:
+        """Left-padded to the longest prompt, every reply still gets all the room it would get alone."""
+        longest = max(len(job.request.prompt.input_ids) for job in batch)
+        limit = self.pipeline.max_positions
+        return limit is None or longest + batch[0].request.options.max_new_tokens <= limit
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if not self._leave_queue(job):  # cancelled while it waited
-                self.cancelled += 1
-                continue
+        while (batch := self._next_batch()) is not None:
             try:
-                done = self._generate(job)
+                dones = self._generate(batch)
+            except AlignError as exc:
+                for job in batch:
+                    job.put(exc)
+                continue
+            except Exception as exc:  # the server keeps serving: the requests fail with a one-line reason
+                for job in batch:
+                    job.put(AlignError(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            for job, done in zip(batch, dones):
                 if done.reply.finish == "cancelled":
                     self.cancelled += 1
                 else:
                     self.finished += 1
                 job.put(done)
-            except AlignError as exc:
-                job.put(exc)
-            except Exception as exc:  # the server keeps serving: the request fails with a one-line reason
-                job.put(AlignError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _generate(self, job: Job) -> Done:
-        request, pipeline = job.request, self.pipeline
-        features = request.features
-        if features is None and request.image is not None:
-            features = pipeline.image_features([request.image])
-        streaming = request.options.num_beams == 1
-        [reply] = pipeline.replies([request.prompt], features if features is not None else torch.zeros(0),
-                                   request.options, on_text=job.put if streaming else None, cancel=job.cancelled)
-        if not streaming and reply.text:
-            job.put(reply.text)
-        return Done(reply, features)
+    def _generate(self, batch: list[Job]) -> list[Done]:
+        pipeline = self.pipeline
+        # Each image encoded on its own, as `align chat` encodes it: a batch must not change a request's features.
+        features = [job.request.features if job.request.features is not None
+                    else pipeline.image_features([job.request.image]) if job.request.image is not None else None
+                    for job in batch]
+        options = batch[0].request.options
+        streaming = options.num_beams == 1
+        rows = [f for f in features if f is not None]
+        replies = pipeline.replies([job.request.prompt for job in batch], torch.cat(rows) if rows else torch.zeros(0),
+                                   options, on_text=[job.put for job in batch] if streaming else None,
+                                   cancel=[job.cancelled for job in batch])
+        if not streaming:
+            for job, reply in zip(batch, replies):
+                if reply.text:
+                    job.put(reply.text)
+        return [Done(reply, f) for reply, f in zip(replies, features)]

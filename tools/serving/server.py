@@ -68,7 +68,7 @@ def serve(adapter: Path, *, model: Path | None = None, encoder: Path | None = No
           dtype: str | None = None, quantization: str = "none", trust_remote_code: bool = False,
           host: str = "127.0.0.1", port: int = 7860, ui: bool = True, api: bool = True, api_key: str | None = None,
           image_root: Path | None = None, examples: list[Path] = (), served_name: str | None = None,
-          limits: Limits = Limits(), say: Callable[[str], None] = print) -> None:
+          limits: Limits = Limits(), max_batch: int = 8, say: Callable[[str], None] = print) -> None:
     """Serve until interrupted; `say` gets the addresses once the server listens."""
     import uvicorn
 
@@ -84,7 +84,7 @@ def serve(adapter: Path, *, model: Path | None = None, encoder: Path | None = No
     try:
         pipeline = Pipeline.load(adapter, model=model, encoder=encoder, device=device, dtype=dtype,
                                  quantization=quantization, trust_remote_code=trust_remote_code)
-        engine = Engine(pipeline, limits.max_queue)
+        engine = Engine(pipeline, limits.max_queue, max_batch)
         app = build_app(engine, adapter=adapter, ui=ui, api=api, served_name=served_name, limits=limits,
                         image_root=image_root, api_key=api_key, examples=shown)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))

@@ -12,7 +12,7 @@ from align.tools.inference.caption import caption_manifest
 from align.tools.rejects import rejects_path
 from align.tools.inference.chat_repl import open_session, run_repl
 from align.tools.inference.chat_session import open_chat
-from align.tools.generation import GenerationOptions, Stops
+from align.tools.generation import GenerationOptions, Reply, Stops
 from align.tools.pipeline import Pipeline
 from conftest import run_align
 
@@ -101,8 +101,33 @@ def test_streamed_pieces_join_to_the_reply(pipeline, home):
     reply = pipeline.generate(image(home, 2), "Describe this image.", GenerationOptions(max_new_tokens=10),
                               on_text=pieces.append)
     assert "".join(pieces) == reply and len(pieces) > 1
-    with pytest.raises(AlignError, match="streaming needs one prompt and no beam search"):
+    with pytest.raises(AlignError, match="streaming needs no beam search"):
         pipeline.generate(image(home, 2), "Hi", GenerationOptions(num_beams=2), on_text=pieces.append)
+
+
+def test_a_batch_streams_each_row_its_own_reply_and_a_cancelled_row_ends_alone(pipeline, home):
+    import threading
+
+    questions = ["Describe this image.", "What is in this picture?", "Hi"]
+    prompts = [pipeline.prompt([(q, None)], True) for q in questions]
+    features = pipeline.image_features([image(home, i) for i in range(3)])
+    options = GenerationOptions(max_new_tokens=12)
+    alone = [pipeline.replies([p], features[i:i + 1], options)[0] for i, p in enumerate(prompts)]
+    pieces, cancel = [[], [], []], [None, threading.Event(), None]
+
+    def watching(i):
+        def on_text(text):
+            pieces[i].append(text)
+            if i == 1 and len(pieces[1]) == 2:
+                cancel[1].set()  # that client leaves after two pieces
+        return on_text
+
+    batched = pipeline.replies(prompts, features, options, on_text=[watching(i) for i in range(3)], cancel=cancel)
+    assert [r.text for r in (batched[0], batched[2])] == [alone[0].text, alone[2].text]
+    assert [(r.tokens, r.finish) for r in (batched[0], batched[2])] == [(a.tokens, a.finish) for a in (alone[0], alone[2])]
+    assert ["".join(p) for p in (pieces[0], pieces[2])] == [batched[0].text, batched[2].text]
+    assert batched[1].finish == "cancelled" and batched[1].tokens < alone[1].tokens
+    assert alone[1].text.startswith(batched[1].text) and "".join(pieces[1]).startswith(batched[1].text[:1])
 
 
 def test_sampling_and_beam_options_run_and_bad_options_are_refused(pipeline, home):
@@ -193,7 +218,7 @@ def test_a_question_that_fits_gets_the_rest_of_the_context_for_its_reply(pipelin
     options = replace(GREEDY, max_new_tokens=pipeline.max_positions * 2)
     prompt = pipeline.prompt([("Hi", None)], with_image=True, room=options.max_new_tokens)
     asked = []
-    monkeypatch.setattr(pipeline_module, "generate", lambda *args: asked.append(args[5]) or [""])
+    monkeypatch.setattr(pipeline_module, "generate_replies", lambda *args: asked.append(args[5]) or [Reply("", 0, "stop")])
     pipeline.generate_batch([prompt], pipeline.image_features([image(home, 0)]), options)
     assert asked[0].max_new_tokens == pipeline.max_positions - len(prompt.input_ids)
     with pytest.raises(AlignError, match="leaving no room for a reply"):

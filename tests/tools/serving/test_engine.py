@@ -77,3 +77,25 @@ def test_seed_stops_and_a_failing_request_leave_the_engine_serving(engine, pipel
     with pytest.raises(AlignError, match="cannot read image"):
         list(engine.submit(request(pipeline, train_workspace["root"] / "missing.png", GenerationOptions())).events())
     assert list(engine.submit(request(pipeline, picture(train_workspace), GenerationOptions(max_new_tokens=2))).events())[-1].reply.tokens == 2
+
+
+def test_requests_waiting_together_are_batched_with_the_answers_each_gets_alone(pipeline, train_workspace):
+    engine = Engine(pipeline, max_queue=8, max_batch=4)
+    try:
+        greedy = GenerationOptions(max_new_tokens=10)
+        asked = [request(pipeline, picture(train_workspace, i), greedy) for i in range(5)]
+        alone = [pipeline.replies([r.prompt], pipeline.image_features([r.image]), greedy)[0] for r in asked]
+        running = engine.submit(request(pipeline, picture(train_workspace, 9), GenerationOptions(max_new_tokens=380)))
+        first = running.events()
+        next(first)  # the model is busy: the next five wait together
+        jobs = [engine.submit(r) for r in asked]
+        sampled = engine.submit(request(pipeline, picture(train_workspace), GenerationOptions(max_new_tokens=10, seed=1,
+                                                                                          temperature=1.0)))
+        list(first)
+        results = [list(job.events()) for job in jobs]
+        list(sampled.events())
+    finally:
+        engine.close()
+    assert [r[-1].reply for r in results] == alone  # text, token count and why each ended
+    assert ["".join(r[:-1]) for r in results] == [a.text for a in alone]  # each row streamed its own reply
+    assert engine.batch_sizes == {1: 3, 4: 1}  # the long one, four together, the fifth, the seeded one alone
