@@ -275,6 +275,7 @@ def run_demo(out: Path, seed: int = 0, say: Callable[[str], None] = print, quiet
         "chat": f"align chat --adapter {adapter}{model_option} --encoder {ws}/encoder --image {first}",
         "caption": f"align caption --adapter {adapter}{model_option} --encoder {ws}/encoder "
                    f"--manifest {ws}/data/held_out.jsonl --out {ws}/held_out_predictions.jsonl",
+        "serve": f"align serve --adapter {adapter}{model_option} --encoder {ws}/encoder --examples {ws}/images/held_out",
     }
     (ws / "results.json").write_text(json.dumps({**result.as_json(), "examples": examples}, indent=2) + "\n")
     if results_dir is not None:

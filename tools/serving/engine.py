@@ -2,8 +2,9 @@
 concurrent requests never mix conversations and each one's text streams back to whoever waits for it.
 
 Requests waiting together that decode alike (the same options, no beam search, no seed) are generated as one
-left-padded batch, each row streaming to its own client: `align bench serve` measured queueing one at a time against
-batching (3.4x the tokens/s for 8 clients on SmolLM2-135M, the same answers). A batch of one is the plain queue.
+left-padded batch, each row streaming to its own client: `align bench serve` measured it against queueing one at a
+time (8 clients on SmolLM2-135M, 2 CPU cores: 27.1 against 13.0 tokens/s, the median first token after 1.3 s
+instead of 3.8 s, and the same greedy answers). `max_batch=1` is the plain queue.
 """
 
 import asyncio
