@@ -99,6 +99,7 @@ class Engine:
         self._ready = threading.Condition()
         self._waiting = 0  # queued and not yet started
         self._closing = False
+        self._running: list[Job] = []
         self.finished = 0  # requests answered to the end
         self.cancelled = 0  # requests whose client left, before or during generation
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size were generated
@@ -122,9 +123,11 @@ class Engine:
         return job
 
     def close(self) -> None:
-        """Stop the worker after the batch it is on."""
+        """Cancel what waits and what is being generated, and stop the worker."""
         with self._ready:
             self._closing = True
+            for job in [*self._jobs, *self._running]:
+                job.cancel()
             self._ready.notify()
         self._worker.join(timeout=60)
 
@@ -163,6 +166,7 @@ class Engine:
                 job.queued = False
                 self._waiting -= 1
             self.batch_sizes[len(batch)] += 1
+            self._running = batch
             return batch
 
     def _batchable(self, job: Job) -> bool:

@@ -46,12 +46,16 @@ def build_ui(engine: Engine, *, adapter: Path, examples: list[Path]) -> gr.Block
                     gr.Examples([[str(path)] for path in examples], inputs=[image], label="Examples")
                 system = gr.Textbox(pipeline.system or "", label="System prompt", lines=2, elem_id="system",
                                     visible=pipeline.template.supports_system)
-                with gr.Accordion("Generation", open=False):
-                    temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
-                    max_new = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens")
-                    beams = gr.Slider(1, 8, value=defaults.num_beams, step=1, label="Beams (no streaming above 1)")
-                    penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty")
+                with gr.Accordion("Generation", open=False, elem_id="generation"):
+                    temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top-p")
+                    max_new = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens",
+                                        elem_id="max-new-tokens")
+                    beams = gr.Slider(1, 8, value=defaults.num_beams, step=1, label="Beams (no streaming above 1)",
+                                      elem_id="beams")
+                    penalty = gr.Slider(1, 2, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty",
+                                        elem_id="repetition-penalty")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=480, buttons=["copy"],
                                      feedback_options=None)

@@ -265,3 +265,28 @@ def test_a_client_that_leaves_mid_stream_frees_the_model_at_once(narrow):
         assert after["cancelled"] == before["cancelled"] + 1 and after["finished"] == before["finished"]
         answer = http.post(f"{server.api}/chat/completions", json={"messages": asking(data_url(image)), "max_tokens": 4})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+
+
+def test_align_serve_refuses_what_it_cannot_serve_in_one_line(demo, tmp_path):
+    import socket
+
+    ws, _, home = demo
+    base = ["serve", "--adapter", ws / "runs/chat/adapter", "--model", ws / "llm"]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    cases = [
+        (base, "align serve needs --encoder PATH"),
+        (base + ["--encoder", ws / "encoder", "--no-ui", "--no-api"], "--no-ui and --no-api together leave nothing"),
+        (base + ["--encoder", ws / "encoder", "--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        (base + ["--encoder", ws / "encoder", "--image-root", tmp_path / "nowhere"], "is not a folder"),
+        (base + ["--encoder", ws / "encoder", "--examples", tmp_path / "missing.png"], "does not exist"),
+    ]
+    try:
+        for args, message in cases:
+            result = run_align(*args, home=home, timeout=120)
+            assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+            assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+    finally:
+        taken.close()

@@ -182,3 +182,22 @@ def test_a_bad_image_and_a_too_long_question_are_one_readable_message_in_the_pag
     page.wait.until(lambda d: page.status().startswith("⚠️"))
     assert "past the model's context" in page.status() and "Traceback" not in driver.page_source
     assert page.ask(DEFAULT_QUESTION).startswith("It is a ")  # and the page still works
+
+
+def test_the_sliders_and_the_system_prompt_reach_the_model(ui, driver):
+    from selenium.webdriver.common.keys import Keys
+
+    server, ws, home = ui
+    page = Page(driver, server.url)
+    assert driver.execute_script("return document.querySelector('#system textarea').value") == "You are a helpful assistant."
+    page.upload(held_out(ws))
+    full = page.ask(DEFAULT_QUESTION)
+    page.find("#generation button.label-wrap")[0].click()  # open the Generation panel
+    page.wait.until(lambda d: any(e.is_displayed() for e in page.find("#max-new-tokens input[type=number]")))
+    number = page.find("#max-new-tokens input[type=number]")[0]
+    number.send_keys(Keys.CONTROL, "a")
+    number.send_keys("2", Keys.TAB)
+    page.click("clear")
+    page.wait.until(lambda d: page.bot_replies() == [])
+    short = page.ask(DEFAULT_QUESTION)
+    assert full.startswith(short) and len(short.split()) == 2  # two tokens: "It is"
