@@ -630,6 +630,27 @@ def bench_serve(
                   f"differ batched → {path}", highlight=False)
 
 
+@app.command("transfer")
+def transfer(
+    adapter: AdapterArg,
+    to: Annotated[str, typer.Option("--to", help="Registered backbone to carry the adapter to.")],
+    out: Annotated[Path, typer.Option(help="Directory of the warm-start adapter written for --to.")],
+    corpus: Annotated[Optional[Path], typer.Option(help="Manifest whose words (captions, conversations) the converter is fitted on too.")] = None,
+    source_model: Annotated[Optional[Path], typer.Option(help="The adapter's LLM directory (default: its backbone's added path).")] = None,
+    target_model: Annotated[Optional[Path], typer.Option(help="The --to LLM's directory (default: its added path).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Carry an adapter to another LLM: a word-embedding converter composed with its projector (VPGTrans)."""
+    from align.tools.transfer.transfer import transfer_adapter
+
+    origin = transfer_adapter(adapter, to, out, corpus=corpus, source_model=source_model, target_model=target_model,
+                              say=(lambda text: None) if as_json else print)
+    if as_json:
+        print(json.dumps(origin))
+    else:
+        print(f"warm-start adapter for '{to}': {out} (train it with a recipe stage's init_from: {out})")
+
+
 @app.command("serve")
 def serve(
     adapter: AdapterArg,

@@ -39,6 +39,8 @@ class AdapterConfig(BaseModel):
     encoder_fingerprint: str | None
     stage: str | None = None
     step: int = 0
+    # A warm start carried over from another LLM's adapter (`align transfer`): that adapter, its backbone, the fit.
+    transferred_from: dict | None = None
     align_version: str = __version__
     format_version: int = ADAPTER_FORMAT_VERSION
 
@@ -54,18 +56,41 @@ class AdapterConfig(BaseModel):
     def check_fits(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str | None = None,
                    num_query_tokens: int | None = None, encoder_fingerprint: str | None = None, where: str = "") -> None:
         """Refuse a backbone / store this adapter was not made for, naming both sides."""
+        self.check_llm(backbone=backbone, hidden_size=hidden_size, vocab_size=vocab_size, template=template,
+                       where=where)
+        self.check_encoder(num_query_tokens=num_query_tokens, encoder_fingerprint=encoder_fingerprint, where=where)
+
+    def check_llm(self, *, backbone: str, hidden_size: int, vocab_size: int, template: str | None = None,
+                  where: str = "") -> None:
+        """Refuse an LLM this adapter was not made for (the side `align transfer` changes)."""
         wanted = {"backbone": backbone, "hidden_size": hidden_size, "vocab_size": vocab_size}
         if template is not None:
             wanted["template"] = template
+        self._refuse_clashes(wanted, f"was made for backbone '{self.backbone}', not '{backbone}'", where)
+
+    def check_encoder(self, *, num_query_tokens: int | None = None, in_features: int | None = None,
+                      encoder_fingerprint: str | None = None, where: str = "") -> None:
+        """Refuse features of an encoder this adapter was not made for (the side `align transfer` keeps)."""
+        wanted: dict = {}
         if num_query_tokens is not None:
             wanted["num_query_tokens"] = num_query_tokens
+        if in_features is not None:
+            wanted["in_features"] = in_features
         if encoder_fingerprint is not None and self.encoder_fingerprint is not None:
             wanted["encoder_fingerprint"] = encoder_fingerprint
+        self._refuse_clashes(wanted, "reads another encoder's features", where)
+
+    def _refuse_clashes(self, wanted: dict, what: str, where: str) -> None:
         clashes = [f"{k} {getattr(self, k)!r} ≠ {v!r}" for k, v in wanted.items() if getattr(self, k) != v]
         if clashes:
-            raise AdapterError(
-                f"adapter {where} was made for backbone '{self.backbone}', not '{backbone}': " + "; ".join(clashes)
-            )
+            raise AdapterError(f"adapter {where} {what}: " + "; ".join(clashes))
+
+    def as_json(self) -> str:
+        """The config file's text (`transferred_from` only when set, so adapters of earlier versions read alike)."""
+        record = self.model_dump()
+        if record["transferred_from"] is None:
+            del record["transferred_from"]
+        return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 
 def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, torch.Tensor]) -> Path:
@@ -74,7 +99,7 @@ def save_adapter(directory: Path, config: AdapterConfig, state_dict: dict[str, t
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     with staged(directory) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "align-adapter"})
-        write_atomic(staging / ADAPTER_CONFIG, json.dumps(config.model_dump(), indent=2, sort_keys=True) + "\n")
+        write_atomic(staging / ADAPTER_CONFIG, config.as_json())
     return directory
 
 

@@ -226,6 +226,15 @@ def load_frozen_llm(
     return llm
 
 
+def input_embeddings(spec: BackboneSpec, model: Path | None = None) -> torch.Tensor:
+    """A backbone's input-embedding table [rows, hidden] in fp32 on the CPU; the LLM is loaded in its checkpoint's
+    own dtype for it and let go."""
+    llm = load_frozen_llm(spec, model, dtype="auto")
+    table = llm.get_input_embeddings().weight.detach().float().clone()
+    del llm
+    return table
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Every dropout of a frozen model set to 0 (modules, and the rates attention layers apply themselves), so
     train mode computes exactly what eval mode does."""
