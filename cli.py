@@ -344,6 +344,27 @@ def bench_chat(
                   f"tokens/s) → {path}", highlight=False)
 
 
+@bench_app.command("transfer")
+def bench_transfer(
+    workspace: Annotated[Path, typer.Option(help="An `align demo` workspace built with its tiny LLM (demo-tiny).")] = Path("align-demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the second LLM and both training runs.")] = 0,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where the JSON result and its PNG are written (default: WORKSPACE/bench/results).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """A projector carried from demo-tiny to an unlike tiny LLM against one trained from scratch: steps to accuracy."""
+    from align.tools.demo.demo_transfer import bench_transfer as run
+
+    result, path = run(workspace, seed=seed, out_dir=out_dir or workspace / RESULTS_IN_WORKSPACE, quiet=as_json,
+                       say=(lambda text: None) if as_json else _say)
+    if as_json:
+        print(json.dumps(result))
+        return
+    steps = result["steps_to_target"]
+    console.print(f"steps to {result['target_accuracy']:.0%} held-out accuracy: {steps['scratch']} from scratch, "
+                  f"{steps['transferred']} transferred (converter held-out cosine "
+                  f"{result['converter']['held_out_cosine']}) → {path}", highlight=False)
+
+
 @bench_app.command("eval")
 def bench_eval(
     workspace: Annotated[Path, typer.Option(help="An `align demo` workspace: its chat adapter, LLM, encoder and held-out benchmark.")] = Path("align-demo"),

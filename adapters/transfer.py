@@ -27,8 +27,8 @@ class Converter:
     bias: torch.Tensor  # [target hidden]
     pairs: int
     held_out: int
-    held_out_cosine: float  # mean cosine similarity of converted and true target embeddings
-    held_out_r2: float  # 1 - residual / total variance of the target embeddings
+    held_out_cosine: float  # mean cosine similarity of converted and true target embeddings (weighted)
+    held_out_r2: float  # 1 - residual / total variance of the target embeddings (weighted)
 
     def fit_report(self) -> dict:
         """What the adapter config records of the fit."""
@@ -37,22 +37,25 @@ class Converter:
 
 
 def shared_words(source: TextTokenizer, target: TextTokenizer, texts: Iterable[str] = (),
-                 limit: int = MAX_WORDS) -> list[str]:
-    """Words both LLMs read: every vocabulary entry of either that decodes to a word, and the words of `texts`
-    (sorted, at most `limit`, the corpus's first)."""
+                 limit: int = MAX_WORDS) -> tuple[list[str], list[str]]:
+    """Words both LLMs read: the words of `texts` (sorted, at most `limit`), and every other vocabulary entry of
+    either that decodes to a word (sorted, up to `limit` words in all)."""
     corpus = {w for text in texts for w in _WORD.findall(text)}
     tokens = {w for tokenizer in (source, target) for i in range(tokenizer.vocab_size)
               for w in [tokenizer.decode([i]).strip()] if _WORD.fullmatch(w)}
-    return sorted(corpus)[:limit] + sorted(tokens - corpus)[:max(0, limit - len(corpus))]
+    chosen = sorted(corpus)[:limit]
+    return chosen, sorted(tokens - corpus)[:max(0, limit - len(chosen))]
 
 
 def paired_rows(words: list[str], source: TextTokenizer, source_embeddings: torch.Tensor, target: TextTokenizer,
                 target_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each word, the mean input embedding of its tokens on each side ([N, Hs], [N, Ht]): a word that is one
-    token in both vocabularies pairs two embedding rows exactly; a longer one pairs the averages."""
+    token in both vocabularies pairs two embedding rows exactly; a longer one pairs the averages. Words are taken as
+    they stand inside a sentence, after a space (`▁red`, `Ġred`), the form an LLM reads most; a token of the space
+    alone (SentencePiece's `▁` before a leading space) is left out."""
     left, right = [], []
     for word in words:
-        ids = [[i for i in tokenizer.encode(word) if i < table.shape[0]]
+        ids = [[i for i in tokenizer.encode(" " + word) if i < table.shape[0] and tokenizer.decode([i]).strip()]
                for tokenizer, table in ((source, source_embeddings), (target, target_embeddings))]
         if ids[0] and ids[1]:
             left.append(source_embeddings[ids[0]].float().mean(0))
@@ -62,34 +65,37 @@ def paired_rows(words: list[str], source: TextTokenizer, source_embeddings: torc
     return torch.stack(left), torch.stack(right)
 
 
-def fit_converter(source: torch.Tensor, target: torch.Tensor, held_out: float = 0.1, seed: int = 0) -> Converter:
-    """Least squares (lightly ridge-regularised) from paired source rows [N, Hs] to target rows [N, Ht], reporting
-    its fit on a held-out share of the pairs before refitting on all of them."""
+def fit_converter(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                  held_out: float = 0.1, seed: int = 0) -> Converter:
+    """Weighted least squares (lightly ridge-regularised) from paired source rows [N, Hs] to target rows [N, Ht],
+    reporting its fit on a held-out share of the pairs before refitting on all of them."""
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"{source.shape[0]} source rows against {target.shape[0]} target rows")
     n = source.shape[0]
+    weights = torch.ones(n) if weights is None else weights
     kept = max(1, int(round(n * held_out)))
     if n - kept < 2:
         raise AdapterError(f"only {n} words are shared by both LLMs' tokenizers: too few to fit a converter "
                            "(give a --corpus of text both read)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     test, train = order[:kept], order[kept:]
-    weight, bias = _least_squares(source[train], target[train])
-    predicted = source[test].double() @ weight + bias
-    truth = target[test].double()
-    cosine = float(nn.functional.cosine_similarity(predicted, truth, dim=1).mean())
-    r2 = float(1 - (predicted - truth).square().sum() / (truth - truth.mean(0)).square().sum().clamp_min(1e-12))
-    weight, bias = _least_squares(source, target)
+    weight, bias = _least_squares(source[train], target[train], weights[train])
+    # Scored with the pairs' weights, as fitted: the corpus's words count as much as the rest of the vocabulary.
+    predicted, truth, w = source[test].double() @ weight + bias, target[test].double(), weights[test].double()
+    cosine = float((nn.functional.cosine_similarity(predicted, truth, dim=1) * w).sum() / w.sum())
+    spread = ((truth - (w[:, None] * truth).sum(0) / w.sum()).square().sum(1) * w).sum().clamp_min(1e-12)
+    r2 = float(1 - ((predicted - truth).square().sum(1) * w).sum() / spread)
+    weight, bias = _least_squares(source, target, weights)
     return Converter(weight.float(), bias.float(), n, kept, cosine, r2)
 
 
-def _least_squares(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = source.double(), target.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
+def _least_squares(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, w = source.double(), target.double(), (weights.double() / weights.double().mean())[:, None]
+    x_mean, y_mean = (w * x).sum(0) / w.sum(), (w * y).sum(0) / w.sum()
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
+    gram = xc.T @ (w * xc)
     gram += torch.eye(gram.shape[0], dtype=gram.dtype) * RIDGE * float(x.square().mean()) * x.shape[0]
-    weight = torch.linalg.solve(gram, xc.T @ yc)
+    weight = torch.linalg.solve(gram, xc.T @ (w * yc))
     return weight, y_mean - x_mean @ weight
 
 

@@ -45,7 +45,7 @@ def test_templates_do_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-PIPELINES = ("features", "training", "inference", "evaluate")  # each stands alone
+PIPELINES = ("features", "training", "inference", "evaluate", "serving", "transfer")  # each stands alone
 COMPOSITES = ("demo", "bench")  # run the pipelines above, as a user would
 
 

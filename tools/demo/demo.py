@@ -160,15 +160,19 @@ def build_models(ws: Path, seed: int, say: Callable[[str], None], quiet: bool = 
     build_demo_encoder(ws / "encoder", seed)
     spec = get_backbone(TINY)
     build_demo_tokenizer(ws / "llm", spec.vocab_size)
-    tokenizer = backbone_tokenizer(spec, ws / "llm")
-    llm = build_demo_llm(spec, seed)
+    teach(build_demo_llm(spec, seed), spec, ws / "llm", seed, say, quiet)
+
+
+def teach(llm, spec: BackboneSpec, out: Path, seed: int, say: Callable[[str], None], quiet: bool) -> None:
+    """Teach an LLM whose tokenizer is in `out` the caption language, text only, and save it there."""
+    tokenizer = backbone_tokenizer(spec, out)
     started = time.perf_counter()
     columns = progress_columns("      text-only steps", "loss {task.fields[loss]}")
     with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("pretrain", total=PRETRAIN_STEPS, loss="-")
         loss = pretrain_text(llm, tokenizer, spec, PRETRAIN_STEPS, seed,
                              on_step=lambda step, value: bar.update(task, completed=step, loss=f"{value:.3f}"))
-    llm.save_pretrained(ws / "llm")
+    llm.save_pretrained(out)
     say(f"      {PRETRAIN_STEPS} text-only steps in {time.perf_counter() - started:.0f} s, final loss {loss:.3f}")
 
 

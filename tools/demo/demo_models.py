@@ -1,13 +1,15 @@
 """The tiny models of `align demo`, built on the spot: a BLIP-2-shaped encoder from the real transformers classes,
-a byte-level BPE tokenizer with ChatML controls, and a Qwen2-architecture LLM taught the caption language text-only."""
+a byte-level BPE tokenizer with ChatML controls, and a Qwen2-architecture LLM taught the caption language text-only;
+and for `align bench transfer` a second LLM unlike it (LLaMA architecture over a SentencePiece vocabulary)."""
 
+import io
 import json
 import random
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Blip2Config, Qwen2Config, Qwen2ForCausalLM
+from transformers import Blip2Config, LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from align.adapters.batch import pad_batch
 from align.backbones.chat_templates import template_for
@@ -68,6 +70,28 @@ def build_demo_tokenizer(out: Path, vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
 
 
+def build_demo_sentencepiece(out: Path, vocab_size: int) -> None:
+    """A SentencePiece BPE (byte fallback: any text encodes) learnt from the demo corpus, as LLaMA's tokenizer.model."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus() * 4), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+
+
+def build_demo_llama(spec: BackboneSpec, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer LLaMA-architecture LLM with the backbone's hidden and vocab sizes, randomly initialised."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=2 * spec.hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
 def build_demo_llm(spec: BackboneSpec, seed: int = 0) -> Qwen2ForCausalLM:
     """A 2-layer Qwen2-architecture LLM with the backbone's hidden and vocab sizes, randomly initialised."""
     torch.manual_seed(seed)
@@ -96,7 +120,7 @@ def _slot_embedding(embedding: torch.nn.Embedding, words: list[list[int]]) -> to
     return sum(embedding(torch.tensor(ids)).mean(0) for ids in words)
 
 
-def pretrain_text(llm: Qwen2ForCausalLM, tokenizer: TextTokenizer, spec: BackboneSpec, steps: int, seed: int = 0,
+def pretrain_text(llm: PreTrainedModel, tokenizer: TextTokenizer, spec: BackboneSpec, steps: int, seed: int = 0,
                   batch_size: int = 32, on_step=None) -> float:
     """Teach the LLM the caption language (text only, before it is frozen); returns the last loss."""
     rng = random.Random(seed)

@@ -4,6 +4,8 @@ it with the adapter's projector, and write the warm-start adapter for the other 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter, save_adapter
 from align.adapters.transfer import compose, fit_converter, paired_rows, shared_words
 from align.backbones.chat_templates import template_for
@@ -35,13 +37,19 @@ def transfer_adapter(adapter: Path, to: str, out: Path, *, corpus: Path | None =
         raise AdapterError(f"adapter {adapter} is already for '{target.name}': nothing to transfer")
     source_tokenizer = backbone_tokenizer(source, source_model)
     target_tokenizer = backbone_tokenizer(target, target_model)
-    words = shared_words(source_tokenizer, target_tokenizer, corpus_texts(corpus) if corpus else ())
+    corpus_words, vocabulary_words = shared_words(source_tokenizer, target_tokenizer,
+                                                  corpus_texts(corpus) if corpus else ())
     say(f"reading the input embeddings of '{source.name}' and '{target.name}'")
     source_table, target_table = input_embeddings(source, source_model), input_embeddings(target, target_model)
     if source_table.shape[1] != config.out_features:
         raise AdapterError(f"adapter {adapter} writes {config.out_features}-wide embeddings; '{source.name}' reads "
                            f"{source_table.shape[1]}")
-    converter = fit_converter(*paired_rows(words, source_tokenizer, source_table, target_tokenizer, target_table))
+    rows = [paired_rows(words, source_tokenizer, source_table, target_tokenizer, target_table)
+            for words in (corpus_words, vocabulary_words) if words]
+    # The corpus's words, the text the model will read, weigh as much in all as the rest of the vocabulary.
+    weights = [torch.full((len(rows[0][0]),), len(rows[-1][0]) / len(rows[0][0]))] if len(rows) == 2 else []
+    weights.append(torch.ones(len(rows[-1][0])))
+    converter = fit_converter(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat(weights))
     say(f"converter fitted on {converter.pairs} shared words: held-out cosine {converter.held_out_cosine:.3f}, "
         f"R² {converter.held_out_r2:.3f}")
     origin = {"adapter": str(Path(adapter).resolve()), "backbone": source.name, "stage": config.stage,
