@@ -61,3 +61,20 @@ def test_align_transfer_writes_a_warm_start_adapter_for_the_other_llm(train_work
     assert origin["fit"]["pairs"] > 100 and -1 <= origin["fit"]["held_out_cosine"] <= 1
     again = run_align("transfer", "--adapter", out, "--to", "tiny-qwen2", "--out", tmp_path / "x", home=home)
     assert again.returncode == 2 and "already for 'tiny-qwen2'" in again.stderr
+
+
+def test_vicuna_and_qwen_share_tens_of_thousands_of_words_each_read_as_one_token(llama_tokenizer, qwen_tokenizer):
+    """The pairs MiniGPT-4's projector is carried to Qwen-7B-Chat on (recipes/minigpt4qwen-7b-from-vicuna.yaml), with
+    the real vocabularies: words as they stand after a space, one token on each side."""
+    from align.adapters.transfer import paired_rows, shared_words
+
+    corpus, vocabulary = shared_words(llama_tokenizer, qwen_tokenizer, ["A cat sitting on a sofa.", "这只猫是什么颜色？"])
+    assert corpus == ["A", "a", "cat", "on", "sitting", "sofa", "这只猫是什么颜色"]
+    assert len(vocabulary) > 20_000
+    # Tables whose row i holds i: a word read as one token pairs exactly the rows of that token.
+    llama_rows, qwen_rows = torch.arange(32000.0)[:, None], torch.arange(151851.0)[:, None]
+    for word, llama_piece, qwen_piece in (("cat", "▁cat", " cat"), ("colour", "▁colour", " colour")):
+        llama_id, qwen_ids = llama_tokenizer.token_to_id(llama_piece), qwen_tokenizer.encode(qwen_piece)
+        assert len(qwen_ids) == 1
+        left, right = paired_rows([word], llama_tokenizer, llama_rows, qwen_tokenizer, qwen_rows)
+        assert (left.item(), right.item()) == (llama_id, qwen_ids[0])

@@ -180,3 +180,20 @@ def test_demo_refuses_a_foreign_folder_in_one_line(tmp_path):
 ])
 def test_an_answer_is_right_when_it_names_the_colour_and_shape_and_nothing_else(answer, right):
     assert names_correctly(answer, Content("red", "circle")) is right
+
+
+@pytest.mark.slow
+def test_bench_transfer_warm_starts_an_unlike_llm_from_the_demo_adapter(demo, tmp_path):
+    out, _, home = demo
+    result = run_align("bench", "transfer", "--workspace", out, "--out-dir", tmp_path, "--json", home=home, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    steps, start = report["steps_to_target"], report["accuracy_at_start"]
+    assert report["target_accuracy"] == report["final_accuracy"]["scratch"] >= 0.6
+    assert steps["transferred"] is not None and steps["transferred"] < steps["scratch"]
+    assert start["transferred"] > start["scratch"] + 0.1  # the converter alone already names some pictures
+    assert {"pairs", "held_out", "held_out_cosine", "held_out_r2"} <= set(report["converter"])
+    [written] = tmp_path.glob("transfer-*.json")
+    assert json.loads(written.read_text())["steps_to_target"] == steps and written.with_suffix(".png").is_file()
+    warm = json.loads((out / "transfer" / "transferred-adapter" / "adapter_config.json").read_text())
+    assert warm["backbone"] == "demo-tiny-llama" and warm["transferred_from"]["backbone"] == "demo-tiny"
