@@ -35,7 +35,9 @@ app.add_typer(features_app, name="features")
 data_app = typer.Typer(help="Data sets → align manifests.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 import_app = typer.Typer(help="Import projectors trained by other toolkits.", no_args_is_help=True)
+export_app = typer.Typer(help="Export adapters for other toolkits.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
 bench_app = typer.Typer(help="Measure speed; results go to bench/results/.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 eval_app = typer.Typer(help="Score adapters on benchmarks as their official tools score them.", no_args_is_help=True)
@@ -670,6 +672,19 @@ def transfer(
         print(json.dumps(origin))
     else:
         print(f"warm-start adapter for '{to}': {out} (train it with a recipe stage's init_from: {out})")
+
+
+@export_app.command("hf")
+def export_hf(
+    adapter: AdapterArg,
+    out: Annotated[Path, typer.Option(help="Directory to write: transformers loads it as Blip2ForConditionalGeneration.")],
+    encoder: Annotated[Path, typer.Option(help="The BLIP-2 encoder the adapter was trained on (align export, HF or LAVIS).")],
+    model: ModelOpt = None,
+) -> None:
+    """An adapter, its encoder and its LLM as one transformers BLIP-2 directory with processor and chat template."""
+    from align.adapters.export_hf import export_hf as run
+
+    run(adapter, out, encoder=encoder, model=model)
 
 
 @app.command("serve")

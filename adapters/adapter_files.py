@@ -9,10 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from align import __version__
 from align.adapters.projector import build_projector
+from align.backbones.chat_templates import template_for
 from align.backbones.spec import BackboneSpec
 from align.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from align.errors import AlignError
 from align.files import recover_dir, staged, write_atomic
+from align.templates import Template, resolve_controls
 
 
 
@@ -147,3 +149,17 @@ def check_weights(state: dict, where: Path | str) -> None:
             raise AdapterError(f"{where}: weight {name} is {tensor.dtype}, not a floating-point tensor")
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{where}: weight {name} holds NaN or infinite values; this adapter cannot be used")
+
+
+def inference_template(adapter: AdapterConfig, spec, tokenizer, model: Path | None, where: str) -> Template:
+    """The template the adapter was trained with; a caption-only stage chats in the backbone's own (as MiniGPT-4
+    does). An adapter whose template the backbone's tokenizer cannot write is refused, naming both."""
+    template = template_for(spec, tokenizer, name=adapter.template, model=model)
+    if not template.chat:
+        template = template_for(spec, tokenizer, model=model)
+    try:
+        resolve_controls(template, tokenizer)
+    except AlignError as exc:
+        raise AdapterError(f"adapter {where} was trained with template '{adapter.template}', which backbone "
+                           f"'{spec.name}' (template '{spec.template}') cannot write: {exc}") from None
+    return template

@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.adapters.adapter_files import AdapterConfig, AdapterError, load_adapter
+from align.adapters.adapter_files import AdapterConfig, AdapterError, inference_template, load_adapter
 from align.adapters.projector import build_projector
 from align.adapters.vision_llm import VisionLLM
-from align.backbones.chat_templates import template_for
 from align.backbones.llm import load_frozen_llm
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.vision import Encoder, default_compute_dtype, encode, load_encoder
 from align.backbones.vision.preprocessing import eval_view
 from align.errors import AlignError
-from align.templates import Rendered, Template, render, resolve_controls, stop_ids
+from align.templates import Rendered, Template, render, stop_ids
 from align.templates.conversation import conversation_from_turns
 from align.tools.feature_store import FeatureStore
 from align.tools.images import ImageInput, read_image
@@ -34,20 +33,6 @@ from align.tools.generation import GenerationOptions, Reply, Stops, TurnCache, g
 from align.tools.runtime import local_device
 
 Turn = tuple[str, str | None]  # (question, reply); the reply is None for the turn being asked
-
-
-def inference_template(adapter: AdapterConfig, spec, tokenizer, model: Path | None, where: str) -> Template:
-    """The template the adapter was trained with; a caption-only stage chats in the backbone's own (as MiniGPT-4
-    does). An adapter whose template the backbone's tokenizer cannot write is refused, naming both."""
-    template = template_for(spec, tokenizer, name=adapter.template, model=model)
-    if not template.chat:
-        template = template_for(spec, tokenizer, model=model)
-    try:
-        resolve_controls(template, tokenizer)
-    except AlignError as exc:
-        raise AdapterError(f"adapter {where} was trained with template '{adapter.template}', which backbone "
-                           f"'{spec.name}' (template '{spec.template}') cannot write: {exc}") from None
-    return template
 
 
 class Pipeline:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from align.adapters.adapter_files import AdapterConfig, load_adapter, save_adapter
+from align.adapters.adapter_files import AdapterConfig, inference_template, load_adapter, save_adapter
 from align.adapters.projector import build_projector, embedding_statistics, match_embeddings
 from align.adapters.vision_llm import VisionLLM
 from align.backbones.dtypes import TORCH_DTYPES
@@ -43,7 +43,7 @@ from align.tools.training.frozen_llm import frozen_share, load_run_llm, restore_
 from align.tools.training.metrics_log import MetricsLog, check_reporters
 from align.tools.training.output_folder import check_resumed_recipe, claim_output, saved_recipe, trim_metrics
 from align.tools.training.recipe import Recipe, Stage, load_recipe
-from align.tools.pipeline import Pipeline, inference_template
+from align.tools.pipeline import Pipeline
 from align.tools.training.run import Run, StageData, ValidationData, stage_data, validation_data
 from align.tools.training.train_state import Stats, diverged, projector_state, restore, save_checkpoint
 from align.tools.training.training_data import collate
