@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from align.adapters.adapter_files import AdapterError, inference_template, load_adapter
+from align.backbones import model_dir
 from align.backbones.llm import load_frozen_llm
+from align.backbones.native import layout_for
 from align.backbones.registry import backbone_tokenizer, get_backbone
 from align.backbones.vision import load_encoder
 from align.files import staged
@@ -50,7 +52,8 @@ def chat_template(template: Template, tokenizer, system: str | None, num_query_t
     before_question, question_end = pieces[offset + 1], pieces[offset + 2]
     reply_end, later_question_end = pieces[offset + 3], pieces[offset + 4]
     generation = pieces[-1]
-    if later_question_end != question_end or pieces[offset + 5] != reply_end or generation != question_end:
+    # (the opening of a reply to generate may differ from a written reply's: Vicuna's "ASSISTANT:" then " reply")
+    if later_question_end != question_end or pieces[offset + 5] != reply_end:
         raise AdapterError(f"template '{template.name}' writes its turns irregularly; no single chat template repeats it")
 
     def literal(value: str) -> str:
@@ -92,7 +95,7 @@ def _probe(template: Template, tokenizer, turns: int, with_system: bool, texts: 
 def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = None,
               say: Callable[[str], None] = print) -> Path:
     """Write the transformers directory of `adapter` (its encoder and its backbone's LLM with it) to `out`."""
-    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
     from transformers import BlipImageProcessorPil, GenerationConfig
 
     config, state = load_adapter(Path(adapter))
@@ -104,6 +107,9 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
     if spec.tokenizer not in ("hf", "sentencepiece"):
         raise AdapterError(f"backbone '{spec.name}' reads its text with a {spec.tokenizer} tokenizer, which "
                            "transformers loads only through remote code: it cannot be exported")
+    native = layout_for(model_dir.model_config(model)) if model is not None else None
+    if native is not None:
+        _transformers_base(native.loading_class, spec.name)  # refused before anything heavy loads
     loaded = load_encoder(encoder)
     config.check_encoder(num_query_tokens=loaded.row_shape[0], in_features=loaded.row_shape[1], where=str(adapter))
     if config.encoder_fingerprint is not None and not loaded.made(config.encoder_fingerprint):
@@ -115,7 +121,7 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
     queries = config.num_query_tokens
     jinja = chat_template(template, ours, system, queries)
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=False)
+    hf_tokenizer = _hf_tokenizer(spec.tokenizer, model)
     pre = loaded.preprocessing
     # PIL's bicubic, as align's own preprocessing (torchvision's would resize differently)
     image_processor = BlipImageProcessorPil(size={"height": pre.image_size, "width": pre.image_size},
@@ -130,11 +136,12 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
 
     say(f"loading the LLM of '{spec.name}'")
     llm = load_frozen_llm(spec, model, dtype="auto")
+    text_config = _transformers_config(llm, spec.name)
     rows = llm.get_input_embeddings().weight.shape[0]
     if image_id >= rows:
         llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
     blip = Blip2Config(vision_config=loaded.config.vision_config.to_dict(),
-                       qformer_config=loaded.config.qformer_config.to_dict(), text_config=llm.config.to_dict(),
+                       qformer_config=loaded.config.qformer_config.to_dict(), text_config=text_config,
                        num_query_tokens=queries, image_token_index=image_id)
     with torch.device("meta"):
         exported = Blip2ForConditionalGeneration(blip)
@@ -176,6 +183,41 @@ def _check_tokenization(template: Template, ours, processor, system: str | None,
         if list(theirs) != expected:
             raise AdapterError(f"template '{template.name}' cannot be written as one chat template for this tokenizer: "
                                f"a {turns}-turn conversation tokenizes to other ids than align's")
+
+
+def _hf_tokenizer(kind: str, model: Path):
+    """The backbone's tokenizer as transformers loads it without remote code: its own files, or for a SentencePiece
+    model whose files name remote code (Baichuan) LLaMA's tokenizer over its tokenizer.model."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model), trust_remote_code=False)
+    except (ValueError, OSError) as exc:
+        if kind != "sentencepiece" or not (model / "tokenizer.model").is_file():
+            raise AdapterError(f"transformers cannot load the tokenizer of {model} without remote code: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+        return LlamaTokenizer(vocab_file=str(model / "tokenizer.model"), add_bos_token=False, add_eos_token=False,
+                              legacy=False)
+
+
+def _transformers_config(llm, backbone: str) -> dict:
+    """The LLM's config as a transformers architecture: a native layout (Qwen-1 as Qwen2, Baichuan-7B as LLaMA) is
+    saved as the transformers class it extends; one transformers does not have (Baichuan-13B's ALiBi) is refused."""
+    base = _transformers_base(type(llm), backbone)
+    fields = {k: v for k, v in llm.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    return {**base.config_class(**fields).to_dict(), "architectures": [base.__name__]}
+
+
+def _transformers_base(model_class: type, backbone: str) -> type:
+    """The transformers class a model class is or extends; refused when there is none."""
+    import transformers
+
+    base = next((cls for cls in model_class.__mro__ if cls.__module__.startswith("transformers.models.")
+                 and getattr(transformers, cls.__name__, None) is cls), None)
+    if base is None:
+        raise AdapterError(f"backbone '{backbone}' is a {model_class.__name__}, an architecture transformers does "
+                           "not have: it cannot be exported")
+    return base
 
 
 def _shard_size(model: Path) -> int:

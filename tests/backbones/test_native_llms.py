@@ -310,3 +310,14 @@ def test_align_chat_answers_with_an_official_layout(chat_backbones, tiny_blip2, 
     pipeline = Pipeline.load(adapters[backbone], encoder=tiny_blip2[1], device="cpu")
     answer = pipeline.generate(picture, "Describe this image.", GenerationOptions(max_new_tokens=5))
     assert answer and result.stdout.strip() == answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, refusal", [("qwen-7b-chat", "qwen-tiktoken tokenizer, which transformers loads only"),
+                                               ("baichuan-13b-chat", "an architecture transformers does not have")])
+def test_export_hf_refuses_what_plain_transformers_cannot_load(chat_backbones, tiny_blip2, tmp_path, backbone, refusal):
+    home, adapters = chat_backbones
+    result = run_align("export", "hf", "--adapter", adapters[backbone], "--encoder", tiny_blip2[1], "--out",
+                       tmp_path / "hf", home=home)
+    assert result.returncode == 2 and refusal in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "hf").exists()
