@@ -104,7 +104,7 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
                            f"{config.projector} projector and cannot be exported")
     spec = get_backbone(config.backbone)
     model = Path(model) if model else (Path(spec.model_path) if spec.model_path else None)
-    if spec.tokenizer not in ("hf", "sentencepiece"):
+    if spec.tokenizer not in ("hf", "sentencepiece", "qwen-tiktoken"):
         raise AdapterError(f"backbone '{spec.name}' reads its text with a {spec.tokenizer} tokenizer, which "
                            "transformers loads only through remote code: it cannot be exported")
     native = layout_for(model_dir.model_config(model)) if model is not None else None
@@ -121,7 +121,7 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
     queries = config.num_query_tokens
     jinja = chat_template(template, ours, system, queries)
 
-    hf_tokenizer = _hf_tokenizer(spec.tokenizer, model)
+    hf_tokenizer = _hf_tokenizer(spec.tokenizer, model, ours)
     pre = loaded.preprocessing
     # PIL's bicubic, as align's own preprocessing (torchvision's would resize differently)
     image_processor = BlipImageProcessorPil(size={"height": pre.image_size, "width": pre.image_size},
@@ -137,6 +137,14 @@ def export_hf(adapter: Path, out: Path, *, encoder: Path, model: Path | None = N
     say(f"loading the LLM of '{spec.name}'")
     llm = load_frozen_llm(spec, model, dtype="auto")
     text_config = _transformers_config(llm, spec.name)
+    base = _transformers_base(type(llm), spec.name)
+    if type(llm) is not base:
+        # A native layout's class would save its weights back in the official layout's names: the same tensors go
+        # into the transformers class it extends, which saves them under that class's own.
+        with torch.device("meta"):
+            plain = base(base.config_class.from_dict(text_config))
+        plain.load_state_dict(llm.state_dict(), assign=True)
+        llm = plain.eval()
     rows = llm.get_input_embeddings().weight.shape[0]
     if image_id >= rows:
         llm.resize_token_embeddings(image_id + 1, mean_resizing=False)
@@ -185,11 +193,24 @@ def _check_tokenization(template: Template, ours, processor, system: str | None,
                                f"a {turns}-turn conversation tokenizes to other ids than align's")
 
 
-def _hf_tokenizer(kind: str, model: Path):
-    """The backbone's tokenizer as transformers loads it without remote code: its own files, or for a SentencePiece
-    model whose files name remote code (Baichuan) LLaMA's tokenizer over its tokenizer.model."""
+def _hf_tokenizer(kind: str, model: Path, ours):
+    """The backbone's tokenizer as transformers loads it without remote code: its own files; for a SentencePiece
+    model whose files name remote code (Baichuan), LLaMA's tokenizer over its tokenizer.model; for Qwen-1's
+    tiktoken ranks, a fast tokenizer converted from them (NFC first, as Qwen's own)."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
+    if kind == "qwen-tiktoken":
+        from tokenizers import normalizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        from align.backbones.tokenizers.qwen_tiktoken import ENDOFTEXT, QWEN_PATTERN
+
+        converted = TikTokenConverter(vocab_file=str(model / "qwen.tiktoken"), pattern=QWEN_PATTERN,
+                                      extra_special_tokens=dict(ours.controls)).converted()
+        converted.normalizer = normalizers.NFC()
+        return PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT,
+                                       pad_token=ours.id_to_token(ours.pad_id))
     try:
         return AutoTokenizer.from_pretrained(str(model), trust_remote_code=False)
     except (ValueError, OSError) as exc:

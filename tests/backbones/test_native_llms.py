@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from align.adapters.adapter_files import AdapterConfig, save_adapter
@@ -269,7 +270,8 @@ def test_an_unknown_architecture_needs_the_opt_in_named_where_it_is_given(tmp_pa
 
 @pytest.fixture(scope="module")
 def chat_backbones(tmp_path_factory, checkpoints, qwen_model_dir, sp_model_dir, train_workspace):
-    """qwen-7b-chat on a tiny Qwen-1-layout model and baichuan-13b-chat on a tiny ALiBi one, each with an adapter."""
+    """qwen-7b-chat on a tiny Qwen-1-layout model, baichuan-13b-chat on a tiny ALiBi one and baichuan2-7b-chat on a
+    tiny RoPE one, each with an adapter."""
     root = tmp_path_factory.mktemp("chat")
     home = root / "home"
     store = FeatureStore.open(train_workspace["features"])
@@ -278,6 +280,8 @@ def chat_backbones(tmp_path_factory, checkpoints, qwen_model_dir, sp_model_dir, 
         "qwen-7b-chat": (qwen1_state(480), qwen1_config(480), qwen_model_dir / "qwen.tiktoken", "chatml"),
         "baichuan-13b-chat": (baichuan_state(640, heads=5), baichuan_config(640, heads=5, alibi=True),
                               sp_model_dir / "tokenizer.model", "baichuan"),
+        "baichuan2-7b-chat": (baichuan_state(BAICHUAN2_VOCAB), baichuan_config(BAICHUAN2_VOCAB),
+                              sp_model_dir / "tokenizer.model", "baichuan2"),
     }
     adapters = {}
     with pytest.MonkeyPatch.context() as patch:
@@ -313,11 +317,40 @@ def test_align_chat_answers_with_an_official_layout(chat_backbones, tiny_blip2, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone, refusal", [("qwen-7b-chat", "qwen-tiktoken tokenizer, which transformers loads only"),
-                                               ("baichuan-13b-chat", "an architecture transformers does not have")])
-def test_export_hf_refuses_what_plain_transformers_cannot_load(chat_backbones, tiny_blip2, tmp_path, backbone, refusal):
+def test_export_hf_refuses_an_architecture_plain_transformers_does_not_have(chat_backbones, tiny_blip2, tmp_path):
     home, adapters = chat_backbones
-    result = run_align("export", "hf", "--adapter", adapters[backbone], "--encoder", tiny_blip2[1], "--out",
+    result = run_align("export", "hf", "--adapter", adapters["baichuan-13b-chat"], "--encoder", tiny_blip2[1], "--out",
                        tmp_path / "hf", home=home)
-    assert result.returncode == 2 and refusal in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "BaichuanAlibiForCausalLM, an architecture transformers does not have" in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, as_model", [("qwen-7b-chat", "qwen2"), ("baichuan2-7b-chat", "llama")])
+def test_export_hf_writes_a_native_layout_as_the_transformers_model_it_extends(chat_backbones, tiny_blip2,
+                                                                               train_workspace, tmp_path, monkeypatch,
+                                                                               backbone, as_model):
+    """Qwen-1 as Qwen2 with its tiktoken ranks converted; Baichuan2-7B (its output rows normalised once) as LLaMA
+    with its SentencePiece model read by LLaMA's tokenizer."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    home, adapters = chat_backbones
+    out = tmp_path / "hf"
+    result = run_align("export", "hf", "--adapter", adapters[backbone], "--encoder", tiny_blip2[1], "--out", out,
+                       home=home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == as_model
+    monkeypatch.setenv("ALIGN_HOME", str(home))
+    pipeline = Pipeline.load(adapters[backbone], encoder=tiny_blip2[1], device="cpu")
+    processor, model = AutoProcessor.from_pretrained(out), Blip2ForConditionalGeneration.from_pretrained(out)
+    for i in (0, 3):
+        picture = train_workspace["manifest"].parent / f"{i}.png"
+        [ours] = pipeline.replies([pipeline.prompt([("Describe this image.", None)], True, 8)],
+                                  pipeline.image_features([picture]), GenerationOptions(max_new_tokens=8))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+        prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=Image.open(picture), text=prompt, add_special_tokens=False, return_tensors="pt")
+        ids = model.generate(**inputs, generation_config=model.generation_config, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+        theirs = pipeline.tokenizer.decode([t for t in ids.tolist() if t not in pipeline.stops.ids]).strip()
+        assert (theirs, len(ids)) == (ours.text, ours.tokens)
