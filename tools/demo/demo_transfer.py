@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from align.backbones.llm import cpu_accelerator_without_gpu
 from align.backbones.registry import get_backbone
 from align.constants import ADAPTER_DIR
 from align.errors import AlignError
@@ -56,6 +57,7 @@ def train(recipe: Path, out: Path, seed: int, quiet: bool) -> None:
 def bench_transfer(workspace: Path, *, seed: int = 0, out_dir: Path = RESULTS_DIR, quiet: bool = False,
                    say: Callable[[str], None] = print) -> tuple[dict, Path]:
     """Both runs on an `align demo` workspace; the JSON result (its PNG beside it) and where it was written."""
+    cpu_accelerator_without_gpu()  # before DeepSpeed guesses (and says so on stdout, where --json writes)
     workspace = Path(workspace).resolve()
     source = workspace / "runs" / "chat" / ADAPTER_DIR
     if not source.is_dir() or not (workspace / "llm").is_dir():
