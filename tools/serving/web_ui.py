@@ -94,8 +94,8 @@ def build_ui(engine: Engine, *, adapter: Path, examples: list[Path]) -> gr.Block
                 prompt = pipeline.prompt([*turns, (text, None)], picture is not None, options.max_new_tokens,
                                          system=system_text(chosen[-1]))
                 features = conversation["features"] if picture is not None else None
-                image = uploaded(picture) if picture is not None and features is None else None
-                job = engine.submit(Request(prompt, options, image=image, features=features))
+                pixels = uploaded(picture) if picture is not None and features is None else None
+                job = engine.submit(Request(prompt, options, image=pixels, features=features))
             except (AlignError, ValueError) as exc:
                 yield gr.skip(), gr.skip(), conversation, ERROR_PREFIX + str(exc)
                 return
