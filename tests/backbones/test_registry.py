@@ -16,7 +16,8 @@ from conftest import BAICHUAN2_MODEL, CHATML_JINJA, LLAMA_MODEL, QWEN_TIKTOKEN, 
 
 PRESETS = [
     "vicuna-7b-v0", "vicuna-13b-v0", "vicuna-7b-v1.5", "llama-2-7b-chat", "llama-2-13b-chat", "qwen-7b-chat",
-    "qwen-14b-chat", "qwen2.5-7b-instruct", "baichuan-13b-chat", "baichuan2-7b-chat", "baichuan2-13b-chat", "demo-tiny", "smollm2",
+    "qwen-14b-chat", "qwen2.5-7b-instruct", "baichuan-13b-chat", "baichuan2-7b-chat", "baichuan2-13b-chat", "demo-tiny",
+    "demo-tiny-llama", "smollm2",
 ]
 
 

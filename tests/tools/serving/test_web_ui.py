@@ -75,7 +75,9 @@ class Page:
 
         self.driver, self.wait = driver, WebDriverWait(driver, 60, poll_frequency=0.05)
         driver.get(url)
-        self.wait.until(lambda d: self.find("#image input[type=file]"))
+        # every control the tests use is on the page (gradio renders them one after another)
+        self.wait.until(lambda d: all(self.find(css) for css in ("#image input[type=file]", "#question textarea",
+                                                                "#system textarea", "#send", "#clear")))
 
     def find(self, css: str):
         from selenium.webdriver.common.by import By
@@ -175,9 +177,7 @@ def test_a_bad_image_and_a_too_long_question_are_one_readable_message_in_the_pag
     assert kept == DEFAULT_QUESTION  # the question is kept, to try again
     page = Page(driver, server.url)
     page.upload(held_out(ws))
-    box = page.find("#question textarea")[0]
-    driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
-                          box, "red " * 400)
+    page.find("#question textarea")[0].send_keys("red " * 300)  # typed as a user types: the page takes it in
     page.click("send")
     page.wait.until(lambda d: page.status().startswith("⚠️"))
     assert "past the model's context" in page.status() and "Traceback" not in driver.page_source
