@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from align.errors import AlignError
+from align.errors import AlignError, TemplateError
 from align.tools.serving.chat_request import BadRequest, ChatRequest, Limits, parse_chat_request
 from align.tools.serving.engine import Busy, Done, Engine, Job
 from align.tools.serving.engine import Request as EngineRequest
@@ -114,13 +114,11 @@ def add_api(app: FastAPI, engine: Engine, *, served_name: str, limits: Limits, i
         if asked.stream:
             return StreamingResponse(stream(request, job, asked, meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, done = [], None
+        done = None
         try:
             async for event in watched(request, job):
                 if isinstance(event, Done):
                     done = event
-                else:
-                    text.append(event)
         except AlignError as exc:
             return error_response(500, str(exc))
         if done is None:  # the client went away
@@ -140,6 +138,8 @@ def add_api(app: FastAPI, engine: Engine, *, served_name: str, limits: Limits, i
             prompt = pipeline.prompt(asked.turns, asked.image is not None,
                                      asked.options.max_new_tokens if asked.max_tokens_given else 1,
                                      system=asked.system, drop_oldest=False)
+        except TemplateError as exc:  # e.g. a system message for a template without a system role
+            raise BadRequest(str(exc), "messages") from None
         except AlignError as exc:
             raise BadRequest(str(exc), "messages", code="context_length_exceeded") from None
         return asked, engine.submit(EngineRequest(prompt, asked.options, image=asked.image), loop)

@@ -225,6 +225,12 @@ def test_a_registered_backbone_answers_through_the_api_as_through_the_pipeline(n
     pipeline = Pipeline.load(adapter, encoder=tiny_blip2[1], device="cpu")
     assert pipeline.template.name == "vicuna-v1.1"
     assert answer.choices[0].message.content == pipeline.generate(image, DEFAULT_QUESTION, GenerationOptions(max_new_tokens=12))
+    # a system message replaces the backbone's system text, as Pipeline.prompt(system=...) does
+    told = client.chat.completions.create(model="tiny-llama", max_tokens=12,
+                                          messages=[{"role": "system", "content": "Be brief."}, *asking(data_url(image))])
+    prompt = pipeline.prompt([(DEFAULT_QUESTION, None)], True, 12, system="Be brief.")
+    [expected] = pipeline.replies([prompt], pipeline.image_features([image]), GenerationOptions(max_new_tokens=12))
+    assert told.choices[0].message.content == expected.text and told.usage.prompt_tokens == len(prompt.input_ids)
 
 
 def test_a_full_queue_answers_503_and_the_rest_are_answered(narrow):
