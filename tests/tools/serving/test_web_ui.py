@@ -161,6 +161,16 @@ def test_multi_turn_regenerate_clear_and_a_new_image_starting_a_new_conversation
     assert page.ask(DEFAULT_QUESTION) == chat_answer(ws, home, held_out(ws, 5), DEFAULT_QUESTION)[0]
 
 
+def test_an_example_picked_in_the_page_is_the_image_talked_about(ui, driver):
+    server, ws, home = ui
+    page = Page(driver, server.url)
+    examples = page.find(".gallery img")
+    assert len(examples) >= 10  # the held-out pictures given with --examples (a page of them)
+    examples[2].click()
+    page.wait.until(lambda d: page.find("#image img"))
+    assert page.ask(DEFAULT_QUESTION) == chat_answer(ws, home, held_out(ws, 2), DEFAULT_QUESTION)[0]
+
+
 def test_a_bad_image_and_a_too_long_question_are_one_readable_message_in_the_page(ui, driver, tmp_path):
     server, ws, _ = ui
     page = Page(driver, server.url)
