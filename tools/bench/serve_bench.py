@@ -3,6 +3,7 @@
 batched (the default); and whether a batch changes any greedy answer."""
 
 import base64
+import json
 import statistics
 import threading
 import time
@@ -37,10 +38,13 @@ def client_run(api: str, images: list[Path], requests: int, max_tokens: int, off
                 if response.status_code != 200:
                     raise AlignError(f"the server answered {response.status_code}: {response.read().decode()[:200]}")
                 for line in response.iter_lines():
-                    if first is None and '"content": "' in line and '"content": ""' not in line:
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
                         first = time.perf_counter()
-                    if '"usage": {' in line:
-                        tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
             ended = time.perf_counter()
             rows.append({"first_token_seconds": round((first or ended) - started, 5),
                          "seconds": round(ended - started, 5), "tokens": tokens})

@@ -153,6 +153,22 @@ def test_bench_chat_times_both_ways(demo, tmp_path):
     assert {"with_cache", "without_cache", "first_text_speedup"} <= set(json.loads(written.read_text()))
 
 
+@pytest.mark.slow
+def test_bench_serve_times_queued_and_batched_clients(demo, tmp_path):
+    out, _, home = demo
+    serve = run_align("bench", "serve", "--workspace", out, "--requests", "2", "--max-tokens", "8", "--out-dir",
+                      tmp_path, home=home, timeout=1800)
+    assert serve.returncode == 0, serve.stderr[-3000:]
+    [written] = tmp_path.glob("serve-*.json")
+    result = json.loads(written.read_text())
+    for mode in ("queued", "batched"):
+        for clients in (1, 8):
+            run = result[mode][f"clients_{clients}"]
+            assert run["requests"] == 2 * clients and run["tokens"] > 0 and run["median_first_token_seconds"] > 0
+    assert set(result["queued"]["batch_sizes"]) == {"1"}  # --max-batch 1 is the plain queue
+    assert result["batched_answers"]["differing"] == 0
+
+
 def test_demo_workspace_is_cleared_only_when_it_is_a_demo(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
