@@ -44,12 +44,14 @@ def transfer_adapter(adapter: Path, to: str, out: Path, *, corpus: Path | None =
     if source_table.shape[1] != config.out_features:
         raise AdapterError(f"adapter {adapter} writes {config.out_features}-wide embeddings; '{source.name}' reads "
                            f"{source_table.shape[1]}")
-    rows = [paired_rows(words, source_tokenizer, source_table, target_tokenizer, target_table)
-            for words in (corpus_words, vocabulary_words) if words]
-    # The corpus's words, the text the model will read, weigh as much in all as the rest of the vocabulary.
-    weights = [torch.full((len(rows[0][0]),), len(rows[-1][0]) / len(rows[0][0]))] if len(rows) == 2 else []
-    weights.append(torch.ones(len(rows[-1][0])))
-    converter = fit_converter(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat(weights))
+    groups = [paired_rows(words, source_tokenizer, source_table, target_tokenizer, target_table)
+              for words in (corpus_words, vocabulary_words) if words]
+    # Each group weighs as much in all as the last (the vocabulary): the corpus's words, the text the model will
+    # read, count as much as the rest of the vocabulary together.
+    last = len(groups[-1][0])
+    weights = torch.cat([torch.full((len(left),), last / len(left)) for left, _ in groups])
+    converter = fit_converter(torch.cat([left for left, _ in groups]), torch.cat([right for _, right in groups]),
+                              weights)
     say(f"converter fitted on {converter.pairs} shared words: held-out cosine {converter.held_out_cosine:.3f}, "
         f"R² {converter.held_out_r2:.3f}")
     origin = {"adapter": str(Path(adapter).resolve()), "backbone": source.name, "stage": config.stage,
